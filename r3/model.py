@@ -80,6 +80,8 @@ class ModelConfig:
                 scaling = None
             elif kind != "llama3":
                 raise ValueError(f"unsupported rope_scaling type {kind!r}; r3 supports 'llama3' or none")
+            else:
+                scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
         heads = hf["num_attention_heads"]
         return cls(
             family=family,

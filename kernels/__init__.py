@@ -1,0 +1,1 @@
+"""Triton kernels with their torch references (logprobs.py: masked per-token log-probs)."""

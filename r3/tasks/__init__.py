@@ -1,0 +1,137 @@
+"""Tasks: the interface every task implements, the registry, and the row readers they share.
+
+A task is what the training and sampling scripts need to know about a problem set, and nothing more:
+
+    name: str                                   registry name, e.g. "countdown"
+    reflection_prompt: str                      the paper's reflection request for this task (PAPER.md 5)
+    examples(split) -> list[dict]               JSON-serialisable dicts (they go into failures JSONL and back)
+    prompt(example) -> list[dict]               chat messages of the first attempt; the retry re-asks them
+    verify(example, text) -> bool               the binary reward; never raises, whatever the text
+
+`get_task(name, **options)` builds one. Tasks load their data lazily, on the first `examples()` call.
+This module does not render chat templates (r3/chat.py) and does not sample (sample.py).
+
+Errors a user can cause with data (missing file, malformed line, empty split) raise `TaskDataError`, a
+ValueError whose message names the file, line and fix, so scripts can print it without a traceback.
+"""
+import hashlib
+import importlib
+import inspect
+import json
+from pathlib import Path
+from typing import Protocol
+
+
+class TaskDataError(ValueError):
+    """Bad or missing task data; the message names the file (and line) and says what to do."""
+
+
+class Task(Protocol):
+    name: str
+    reflection_prompt: str
+
+    def examples(self, split: str) -> list[dict]: ...
+
+    def prompt(self, example: dict) -> list[dict]: ...
+
+    def verify(self, example: dict, text: str) -> bool: ...
+
+
+# name -> (module, class, preset options). Presets are only defaults: any option can be overridden
+# through get_task(name, **options), so difficulty can be chosen by measurement, not by editing code.
+REGISTRY = {
+    "countdown": ("countdown", "Countdown", {"n_numbers": (3, 4), "max_number": 99, "max_target": 100}),
+    "countdown3": ("countdown", "Countdown", {"n_numbers": 3, "max_number": 99, "max_target": 100}),
+    "countdown4": ("countdown", "Countdown", {"n_numbers": 4, "max_number": 99, "max_target": 100}),
+    "countdown_easy": ("countdown", "Countdown", {"n_numbers": 3, "max_number": 20, "max_target": 50}),
+    "xlam": ("function_calling", "XLAM", {}),
+    "bfcl": ("bfcl", "BFCL", {}),
+}
+
+
+def get_task(name: str, **options) -> Task:
+    """Build the task registered as `name`; `options` override its preset (see each class's fields)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(REGISTRY))}")
+    module_name, class_name, preset = REGISTRY[name]
+    # Imported here, not at the top: the task modules import TaskDataError from this package.
+    cls = getattr(importlib.import_module(f"r3.tasks.{module_name}"), class_name)
+    allowed = [p for p in inspect.signature(cls).parameters if p != "name"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for task {name!r}; valid options: {allowed}")
+    return cls(name=name, **{**preset, **options})
+
+
+def read_rows(path) -> list[dict]:
+    """Rows of a .jsonl, .json (one list of objects, or JSON lines) or .parquet file, as dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskDataError(f"data file not found: {path}")
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TaskDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        return _check_objects(rows, path)
+    return read_jsonl(path, text)
+
+
+def read_jsonl(path, text: str | None = None) -> list[dict]:
+    """One JSON object per non-blank line; a bad line raises TaskDataError naming file and line number."""
+    path = Path(path)
+    if text is None:
+        if not path.is_file():
+            raise TaskDataError(f"data file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise TaskDataError(f"{path}:{lineno}: malformed JSON line ({e}); fix or delete that line") from None
+        if not isinstance(row, dict):
+            raise TaskDataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TaskDataError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises its own hierarchy for corrupt files
+        raise TaskDataError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _check_objects(rows, path: Path) -> list[dict]:
+    if not isinstance(rows, list):
+        raise TaskDataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise TaskDataError(f"{path}: item {i} is a {type(row).__name__}, expected an object")
+    return rows
+
+
+def split_of(key: str, test_fraction: float) -> str:
+    """'test' or 'train' from a stable hash of the problem's identity, never from its position.
+
+    The same problem therefore lands in the same split whatever the seed, file order or pool size:
+    train and test cannot share a problem, and a test problem stays a test problem across runs.
+    """
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    return "test" if h < test_fraction else "train"
+
+
+def require_nonempty(examples: list[dict], task: str, split: str, hint: str) -> list[dict]:
+    if not examples:
+        raise TaskDataError(f"split {split!r} of task {task!r} is empty; {hint}")
+    return examples

@@ -1,0 +1,223 @@
+"""Countdown: reach a target with the given numbers and + - * /, each number used once (PAPER.md 6).
+
+Data comes from a seeded generator of solvable problems (the public Countdown-Tasks-3to4 set is itself
+generated, so a generator with a seed is a faithful substitute) or from rows `{target, nums}` of a
+JSONL/JSON/parquet file such as that set. Train and test are assigned by a hash of the problem, so they
+can never share one. The verifier reads the answer with `ast` and evaluates it with exact fractions.
+
+What it does not do: call eval() on model text, give partial credit, ask for chain of thought or
+<answer> tags (the paper's prompts were one-shot without chain of thought, PAPER.md 3).
+"""
+import ast
+import operator
+import random
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import ClassVar
+
+from r3.tasks import TaskDataError, read_rows, require_nonempty, split_of
+
+REFLECTION_PROMPT = (
+    "You tried solving the problem and got the wrong answer. Reflect on what went wrong and write a short "
+    "explanation that will help you do better next time."
+)
+QUESTION = (
+    "Using the numbers {nums}, create an equation that equals {target}. You can use basic arithmetic "
+    "operations (+, -, *, /) and each number can only be used once. Return only the equation."
+)
+# The one worked example of the one-shot prompt; it is not drawn from the data, so it never leaks a test answer.
+ONESHOT = {"nums": [4, 9, 3], "target": 39, "solution": "(9 + 4) * 3"}
+
+MAX_TEXT_CHARS = 20_000  # a no-CoT answer is a few dozen characters; longer text is rejected unread
+MAX_EQUATION_CHARS = 1_000  # the extracted candidate; bounds the cost of ast.parse before it runs
+MAX_MAGNITUDE = 10**12  # cap on |numerator| and denominator of every intermediate value
+
+# Spellings of the operators that models write, mapped to the ASCII ones. "x" is NOT accepted as a
+# multiplication sign: it is a letter, and words around the equation would turn into operators.
+_SYMBOLS = {"×": "*", "\\times": "*", "\\cdot": "*", "·": "*", "÷": "/", "\\div": "/", "−": "-", "–": "-"}
+_LATEX_DELIMS = re.compile(r"\\[()\[\]]")  # \( \) \[ \] around inline maths
+_RUN = re.compile(r"[0-9+\-*/(). \t]+")  # maximal runs of characters an equation may contain
+_OPERATOR = re.compile(r"[+\-*/]")
+_DIGIT = re.compile(r"[0-9]")
+_ALLOWED_NODES = (ast.Expression, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div)
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+_AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+
+@dataclass
+class Countdown:
+    name: str = "countdown"
+    n_numbers: int | tuple | list = (3, 4)  # numbers per problem; a tuple: drawn uniformly per problem
+    max_number: int = 99  # generated numbers are drawn from 1..max_number, repeats allowed (as in 3to4)
+    max_target: int = 100  # generated targets are integers in 1..max_target
+    seed: int = 0  # generator seed
+    num_examples: int | None = 20_000  # pool size before the split (file: first N rows; None: all rows)
+    test_fraction: float = 0.1  # share of the pool held out as test, chosen by hash of the problem
+    data_path: str | None = None  # JSONL/JSON/parquet rows with `target` and `nums`; None: generate
+    oneshot: bool = True  # put one worked example in the prompt (the paper's prompts were one-shot)
+    reflection_prompt: ClassVar[str] = REFLECTION_PROMPT
+    _pool: dict | None = field(default=None, init=False, repr=False)
+
+    def examples(self, split: str) -> list[dict]:
+        """'train' or 'test' problems: dicts {id, nums, target} (+ `solution` when generated)."""
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown split {split!r} for task {self.name!r}; use 'train' or 'test'")
+        if self._pool is None:
+            self._pool = {"train": [], "test": []}
+            for ex in self._load():
+                self._pool[split_of(ex["id"], self.test_fraction)].append(ex)
+        hint = f"raise num_examples (now {self.num_examples}) or test_fraction (now {self.test_fraction})"
+        return list(require_nonempty(self._pool[split], self.name, split, hint))
+
+    def prompt(self, example: dict) -> list[dict]:
+        question = QUESTION.format(nums=list(example["nums"]), target=example["target"])
+        if self.oneshot:
+            shot = QUESTION.format(nums=ONESHOT["nums"], target=ONESHOT["target"])
+            question = (f"Here is an example problem and its answer.\nProblem: {shot}\nAnswer: "
+                        f"{ONESHOT['solution']}\n\nNow solve this problem.\nProblem: {question}")
+        return [{"role": "user", "content": question}]
+
+    def verify(self, example: dict, text: str) -> bool:
+        return verify_equation(text, example["nums"], example["target"])
+
+    def _sizes(self) -> list[int]:
+        return [self.n_numbers] if isinstance(self.n_numbers, int) else list(self.n_numbers)
+
+    def _load(self) -> list[dict]:
+        if self.data_path is not None:
+            return load_problems(self.data_path, self._sizes(), self.num_examples)
+        return generate(self.num_examples or 20_000, self._sizes(), self.max_number, self.max_target, self.seed)
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def problem_id(nums, target: int) -> str:
+    """Identity of a problem: the multiset of numbers and the target (the order of `nums` does not count)."""
+    return f"countdown-{sorted(nums)}-{target}".replace(" ", "")
+
+
+def generate(n: int, sizes: list[int], max_number: int, max_target: int, seed: int) -> list[dict]:
+    """Up to `n` distinct solvable problems: random numbers, a random expression over all of them, and
+    its value as the target when that is a positive integer <= max_target (the expression is `solution`)."""
+    rng = random.Random(seed)
+    seen, problems = set(), []
+    for _ in range(200 * n):  # cap: a small space (few numbers, small targets) may hold fewer than n
+        if len(problems) == n:
+            break
+        nums = [rng.randint(1, max_number) for _ in range(rng.choice(sizes))]
+        text, value = random_expression(nums, rng)
+        if value is None or value.denominator != 1 or not 1 <= value <= max_target:
+            continue
+        pid = problem_id(nums, int(value))
+        if pid not in seen:
+            seen.add(pid)
+            problems.append({"id": pid, "nums": nums, "target": int(value), "solution": text})
+    return problems
+
+
+def random_expression(nums: list[int], rng: random.Random) -> tuple[str, Fraction | None]:
+    """A random binary tree over a shuffled copy of `nums` with random + - * /; (text, exact value).
+    The value is None after a division by zero. Every inner node is parenthesised except the root."""
+    order = list(nums)
+    rng.shuffle(order)
+
+    def build(leaves):
+        if len(leaves) == 1:
+            return str(leaves[0]), Fraction(leaves[0])
+        k = rng.randint(1, len(leaves) - 1)
+        (lt, lv), (rt, rv) = build(leaves[:k]), build(leaves[k:])
+        op = rng.choice("+-*/")
+        if lv is None or rv is None or (op == "/" and rv == 0):
+            return "", None
+        value = _OPS[op](lv, rv)
+        wrap = lambda t: t if t.isdigit() else f"({t})"  # noqa: E731
+        return f"{wrap(lt)} {op} {wrap(rt)}", value
+
+    return build(order)
+
+
+def load_problems(path, sizes: list[int], limit: int | None) -> list[dict]:
+    """Distinct problems from rows with integer `target` and a list of integers `nums`; rows whose
+    number count is not in `sizes` are skipped (so countdown3/countdown4 can share one 3-to-4 file)."""
+    seen, problems = set(), []
+    for i, row in enumerate(read_rows(path), start=1):
+        nums, target = row.get("nums"), row.get("target")
+        if not (_is_int(target) and isinstance(nums, list) and nums and all(_is_int(n) for n in nums)):
+            raise TaskDataError(f"{path}: row {i} needs an integer `target` and a list of integers `nums`, "
+                                f"got target={target!r} nums={nums!r}")
+        pid = problem_id(nums, target)
+        if len(nums) in sizes and pid not in seen:
+            seen.add(pid)
+            problems.append({"id": pid, "nums": list(nums), "target": target})
+        if limit is not None and len(problems) == limit:
+            break
+    return problems
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# --- verifier ---------------------------------------------------------------------------------------
+
+def extract_equation(text: str) -> str | None:
+    """The answer's equation, read forgivingly: the last line that holds one, and in it the last run of
+    equation characters (digits, + - * /, parentheses, spaces) that has a digit and an operator.
+
+    So code fences, "Equation:" / "Answer:" prefixes, markdown and surrounding words fall away, and a
+    trailing "= 16" (or "= anything") is dropped because "=" ends a run and "16" alone has no operator.
+    × · \\times \\cdot ÷ \\div − are read as * / -; a trailing period is dropped.
+    """
+    for symbol, ascii_op in _SYMBOLS.items():
+        text = text.replace(symbol, ascii_op)
+    text = _LATEX_DELIMS.sub(" ", text)
+    for line in reversed(text.splitlines()):
+        runs = [r.strip().rstrip(".").strip() for r in _RUN.findall(line)]
+        runs = [r for r in runs if _DIGIT.search(r) and _OPERATOR.search(r)]
+        if runs:
+            return runs[-1]
+    return None
+
+
+def verify_equation(text: str, nums: list[int], target: int) -> bool:
+    """True iff the answer's equation uses exactly the given numbers (as a multiset) with + - * / and
+    parentheses, and its exact value is within 1e-5 of `target`. Never raises; never evaluates Python.
+
+    Real division: intermediates need not be integers, so (1 / 3) * 3 counts as 1 (PAPER.md 6).
+    NOTE: unary minus (and unary plus) is rejected. The given numbers are positive, and the paper's
+    verifier admits only digits, operators, parentheses and spaces, so "-3 + 5" would need a negative
+    literal that was never given; "5 - 3" says the same thing legally.
+    """
+    if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
+        return False
+    candidate = extract_equation(text)
+    if candidate is None or len(candidate) > MAX_EQUATION_CHARS:
+        return False
+    try:
+        tree = ast.parse(candidate, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # 10k parentheses: SyntaxError/RecursionError
+        return False
+    literals = []
+    for node in ast.walk(tree):  # iterative: safe on deep trees
+        if isinstance(node, ast.Constant) and type(node.value) is int:  # bool/float/str constants fail
+            literals.append(node.value)
+        elif not isinstance(node, _ALLOWED_NODES):  # **, %, //, unary ops, names, calls, tuples, ...
+            return False
+    if sorted(literals) != sorted(nums):
+        return False
+    value = _evaluate(tree.body)  # safe to recurse now: the tree has only len(nums) leaves
+    return value is not None and abs(value - target) < 1e-5
+
+
+def _evaluate(node) -> Fraction | None:
+    """Exact value of a checked tree; None on division by zero or an intermediate over MAX_MAGNITUDE."""
+    if isinstance(node, ast.Constant):
+        return Fraction(node.value)
+    left, right = _evaluate(node.left), _evaluate(node.right)
+    if left is None or right is None or (isinstance(node.op, ast.Div) and right == 0):
+        return None
+    value = _OPS[_AST_OPS[type(node.op)]](left, right)
+    if abs(value.numerator) > MAX_MAGNITUDE or value.denominator > MAX_MAGNITUDE:
+        return None
+    return value
