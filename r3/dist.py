@@ -98,3 +98,12 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_lists(items: list) -> list:
+    """Concatenate each rank's list of picklable items, in rank order, on every rank."""
+    if not is_distributed():
+        return list(items)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]

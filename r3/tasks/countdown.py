@@ -32,6 +32,7 @@ ONESHOT = {"nums": [4, 9, 3], "target": 39, "solution": "(9 + 4) * 3"}
 MAX_TEXT_CHARS = 20_000  # a no-CoT answer is a few dozen characters; longer text is rejected unread
 MAX_EQUATION_CHARS = 1_000  # the extracted candidate; bounds the cost of ast.parse before it runs
 MAX_MAGNITUDE = 10**12  # cap on |numerator| and denominator of every intermediate value
+STALL = 2_000  # the generator stops after this many draws in a row that give no new problem
 
 # Spellings of the operators that models write, mapped to the ASCII ones. "x" is NOT accepted as a
 # multiplication sign: it is a letter, and words around the equation would turn into operators.
@@ -101,10 +102,11 @@ def generate(n: int, sizes: list[int], max_number: int, max_target: int, seed: i
     """Up to `n` distinct solvable problems: random numbers, a random expression over all of them, and
     its value as the target when that is a positive integer <= max_target (the expression is `solution`)."""
     rng = random.Random(seed)
-    seen, problems = set(), []
-    for _ in range(200 * n):  # cap: a small space (few numbers, small targets) may hold fewer than n
-        if len(problems) == n:
-            break
+    seen, problems, misses = set(), [], 0
+    # A small space (few numbers, small targets) may hold fewer than n problems: stop once new ones
+    # have become rare (STALL draws in a row without one) instead of drawing forever.
+    while len(problems) < n and misses < STALL:
+        misses += 1
         nums = [rng.randint(1, max_number) for _ in range(rng.choice(sizes))]
         text, value = random_expression(nums, rng)
         if value is None or value.denominator != 1 or not 1 <= value <= max_target:
@@ -113,6 +115,7 @@ def generate(n: int, sizes: list[int], max_number: int, max_target: int, seed: i
         if pid not in seen:
             seen.add(pid)
             problems.append({"id": pid, "nums": nums, "target": int(value), "solution": text})
+            misses = 0
     return problems
 
 

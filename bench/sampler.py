@@ -1,0 +1,110 @@
+"""Benchmark: r3.sampler.generate against transformers' model.generate on the default model.
+
+Same process, same weights (the converted SmolLM2-135M-Instruct directory, fp32), same device and
+thread count. Both sides generate exactly `new_tokens` tokens per sample (no stop tokens on our side,
+min_new_tokens on transformers'), so tokens/s = samples * new_tokens / wall time, prefill included.
+
+  (a) batch 1: one chat prompt, greedy.
+  (b) rollout shape: 8 chat prompts of about 250 tokens, n=8 samples each (transformers:
+      num_return_sequences=8 on left-padded prompts), temperature 0.9, top_p 1, no top-k.
+
+Usage: python bench/sampler.py [--threads N] [--new_tokens 128] [--only ours|hf] [--json]
+With --json the last line is one JSON object: tokens/s of each side, batch1_ratio and rollout_ratio
+(ours / transformers'). Speed goals: batch1_ratio >= 1.5, rollout_ratio >= 2.0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from r3.chat import render_prompt
+from r3.checkpoint import load_hf, resolve_model
+from r3.sampler import generate
+
+TOPICS = ["the water cycle", "binary search", "the French revolution", "photosynthesis", "TCP handshakes",
+          "compound interest", "volcanoes", "the Pythagorean theorem"]
+
+
+def rollout_prompts(tok, target: int = 250) -> list[list[int]]:
+    """8 chat prompts of about `target` tokens each (a topic, then filler sentences until long enough)."""
+    prompts = []
+    for i, topic in enumerate(TOPICS):
+        text = f"Explain {topic} to a student, step by step."
+        filler = [f" Point {k}: keep it concrete, mention an example about {topic}, and avoid jargon." for k in range(60)]
+        k = 0
+        while len(render_prompt(tok, [{"role": "user", "content": text}])) < target - 8 * (i % 3):
+            text += filler[k]
+            k += 1
+        prompts.append(render_prompt(tok, [{"role": "user", "content": text}]))
+    return prompts
+
+
+def timed(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def run_hf(hf, tok, prompts, n, new_tokens, temperature):
+    """transformers: left-padded batch, num_return_sequences=n; returns (seconds, generated tokens)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kw = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+    secs, out = timed(lambda: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                          min_new_tokens=new_tokens, num_return_sequences=n,
+                                          pad_token_id=tok.pad_token_id, **kw))
+    return secs, (out.shape[1] - width) * out.shape[0]
+
+
+def run_ours(model, prompts, n, new_tokens, temperature):
+    secs, out = timed(lambda: generate(model, prompts, n=n, max_new_tokens=new_tokens, temperature=temperature,
+                                       stop_ids=(), seed=0))
+    return secs, sum(len(s.ids) for s in out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--only", choices=["ours", "hf"], default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = resolve_model("default")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = load_hf(path, "cpu", torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    print(f"model {path}, fp32, cpu, torch.get_num_threads() = {torch.get_num_threads()}", flush=True)
+
+    chat = render_prompt(tok, [{"role": "user", "content": "What is the capital of France? Answer in detail."}])
+    rollout = rollout_prompts(tok)
+    cases = {"batch1": ([chat], 1, 0.0), "rollout": (rollout, 8, 0.9)}
+    run_ours(model, [chat], 1, 4, 0.0)  # warm-up both (allocator, lazy init)
+    if args.only != "ours":
+        run_hf(hf, tok, [chat], 1, 4, 0.0)
+    result = {"threads": torch.get_num_threads(), "new_tokens": args.new_tokens}
+    for name, (prompts, n, temp) in cases.items():
+        print(f"({name}) {len(prompts)} prompt(s) of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+              f"n={n}, {args.new_tokens} new tokens, temperature {temp}", flush=True)
+        for side, fn in (("ours", lambda: run_ours(model, prompts, n, args.new_tokens, temp)),
+                         ("hf", lambda: run_hf(hf, tok, prompts, n, args.new_tokens, temp))):
+            if args.only and side != args.only:
+                continue
+            secs, ntok = fn()
+            result[f"{name}_{side}_tok_s"] = round(ntok / secs, 2)
+            print(f"  {side:5s} {ntok} tokens in {secs:.2f} s: {ntok / secs:.1f} tok/s", flush=True)
+        if not args.only:
+            result[f"{name}_ratio"] = round(result[f"{name}_ours_tok_s"] / result[f"{name}_hf_tok_s"], 2)
+            print(f"  ratio ours / transformers: {result[f'{name}_ratio']:.2f}", flush=True)
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

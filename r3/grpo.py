@@ -1,0 +1,81 @@
+"""GRPO on the reflection tokens: group advantages, masked log-probs, the clipped loss with KL, statistics.
+
+PAPER.md section 3, steps 5-9:
+    A_i     = (r_i - mean(r_group)) / (std(r_group) + eps)          scale="group"  (or r_i - mean: "none")
+    rho_t   = exp(logp_t - logp_old_t)
+    loss_t  = -min(rho_t * A, clip(rho_t, 1 - clip_eps, 1 + clip_eps) * A) + beta * k3_t
+    k3_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+    loss    = sum over reflection tokens of loss_t / (number of reflection tokens in the global batch)
+The reflection mask is the only thing that decides which tokens learn (rollout.py builds it).
+
+Log-probs come from `kernels.logprobs.token_logprobs`: the model returns hidden states, only the masked
+positions go through the LM head (in row chunks), so no [B, T, V] tensor is ever built.
+
+It does not: sample (rollout.py), reduce across ranks (the caller passes the global token count),
+or step the optimizer (train.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.logprobs import token_logprobs
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """rewards (N,) ordered group-major (N = groups * G) -> advantages (N,). A group whose rewards are
+    all equal gets exactly 0, so it contributes no gradient."""
+    if scale not in ("group", "none"):
+        raise ValueError(f"advantage scale must be 'group' or 'none', got {scale!r}")
+    r = rewards.float().view(-1, group_size)  # (groups, G)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (r.std(dim=1, keepdim=True) + eps)
+    return centred.view(-1)
+
+
+def sequence_logprobs(model, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """log p(ids[t] | ids[<t]) at every position where mask[t] (0 elsewhere), under `model` with logits
+    divided by `temperature` (the distribution the reflections were sampled from, as TRL does).
+
+    ids, pos, mask: (B, T) -> (B, T) float32. Token t is predicted by the hidden state at t-1.
+    """
+    hidden = model(ids, pos, return_hidden=True)  # (B, T, H)
+    out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    lp = token_logprobs(hidden[:, :-1], model.lm_head.weight, ids[:, 1:], mask[:, 1:].bool(), temperature)
+    out[:, 1:] = lp  # (B, T-1) -> aligned with the token it scores
+    return out
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
+              mask: torch.Tensor, beta: float, clip_eps: float, num_tokens: float) -> tuple[torch.Tensor, dict]:
+    """The clipped GRPO loss over masked tokens, normalised by `num_tokens` (the count of reflection
+    tokens in the whole global batch: all micro-batches, all ranks), plus per-micro-batch sums for logging.
+
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,). Returns (loss, sums) where `sums` holds
+    token sums (kl, clipped) that the caller adds up and divides by `num_tokens` too.
+    """
+    m = mask.float()
+    ratio = torch.exp(logp - old_logp)  # (B, T); exactly 1 on the first pass over a batch
+    a = advantages[:, None]
+    per_token = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+    kl = torch.zeros_like(logp)
+    if beta > 0 and ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1  # k3: unbiased, always >= 0
+        per_token = per_token + beta * kl
+    loss = (per_token * m).sum() / num_tokens
+    clipped = ((ratio < 1 - clip_eps) & (a < 0)) | ((ratio > 1 + clip_eps) & (a > 0))  # where the clip binds
+    sums = {"kl": float((kl * m).sum()), "clipped": float((clipped.float() * m).sum())}
+    return loss, sums
+
+
+def rollout_stats(rewards: torch.Tensor, group_size: int, mask: torch.Tensor) -> dict:
+    """Logging statistics of one batch of rollouts (rewards (N,), mask (N, T))."""
+    r = rewards.float().view(-1, group_size)
+    return {
+        "reward": float(r.mean()),  # mean reward = success rate of the retries
+        "second_try_success": float((r.max(dim=1).values > 0).float().mean()),  # failures fixed by >= 1 of G retries
+        "zero_variance_frac": float((r.max(dim=1).values == r.min(dim=1).values).float().mean()),
+        "reflection_len": float(mask.float().sum(dim=1).mean()),  # tokens incl. end-of-turn
+    }

@@ -1,0 +1,240 @@
+"""Batched sampling from our Transformer: a static KV cache, prefix sharing, greedy / temperature / top-p.
+
+`generate(model, prompts, n, ...)` samples n continuations of each prompt (token-id lists of any
+lengths) and returns one `Sample` per continuation, prompt-major: prompt 0's n samples, then prompt 1's.
+The pieces follow gpt-fast's generate.py: `prefill`, `decode_one_token`, `sample`, `generate`.
+
+How a call runs:
+1. Prompts are deduplicated (n samples of one prompt, or equal prompts, are prefilled once) and the
+   unique prompts are grouped by shared token prefix (`_share_plan`): each group's common prefix of at
+   least `min_shared` tokens is prefilled once, its cache rows are copied to the group's members, and
+   then every unique prompt's own suffix is prefilled (one right-padded batch per level).
+2. The cache rows of the unique prompts are copied to the N = len(prompts) * n samples
+   (repeat_interleave), with the last-token logits, and the first tokens are sampled.
+3. Decode: one token for every live row per step. Every `compact_every` steps the rows that have sampled
+   a stop token are dropped from the batch (their cache rows compacted in place, only the live slots
+   copied), so finished samples stop costing compute after at most `compact_every` - 1 wasted steps.
+   This is also the only host sync in the loop (`done.any()`), which matters on a GPU.
+
+The KV cache is one buffer (layers, 2, N, Hkv, S, D), allocated once per call, S = longest prompt +
+max_new_tokens (a little more when groups share prefixes). Slot s of a row holds the key/value of that
+row's token at position s; a query at position p sees slots <= p. Right-padded prefill writes garbage
+keys/values of the pad tokens into slots beyond a row's length; they stay masked until decode overwrites
+them, so padding never changes a row's tokens. Attention only spans the slots live so far (`span`).
+
+What is reused, and what is not: within one call, every distinct prompt prefix that >= 2 unique prompts
+share (>= min_shared tokens) is prefilled once; e.g. the G retry conversations of one failure
+(context + reflection_i + retry turn) share the context. Nothing is kept across calls: the retry call
+re-prefills the context once per failure and each reflection once per sample. (Continuing the
+reflection call's cache would also save the reflection tokens, but the retry prompt is re-rendered by
+the chat template, whose tokens need not equal the sampled ones, and finished rows are dropped.)
+
+Reproducibility: all randomness comes from one torch.Generator seeded with `seed`, so the same call
+with the same seed gives the same samples. A sample's draws depend on the other rows of the call
+(batch layout), so the same seed with different prompts gives different samples for the same prompt.
+Greedy (temperature 0) results do not depend on the other prompts of the call, up to the last-bit
+differences of differently shaped matmuls (see tests/test_sampler.py, which checks exact equality).
+
+FSDP2: the call runs under torch.no_grad() (not inference_mode, so the tensors stay usable by
+autograd-aware FSDP hooks) inside `r3.dist.unsharded(model)`, which gathers the full weights once per
+call. Memory while sampling, per rank: the full parameters in the compute dtype (about 1x the model) on
+top of the shards, plus the KV cache, 2 * layers * N * S * Hkv * D elements (e.g. the default 135M model,
+N=64, S=384: 1.1 GB in fp32), plus the logits of one step (N, V) in fp32.
+
+It does not: do beam search, repetition penalties, top-k, or stop on strings; page or share cache blocks
+across calls (nano-vllm's block table); batch across calls; or chunk long prefills.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from r3.dist import unsharded
+from r3.model import ModelConfig, Transformer
+
+
+@dataclass
+class Sample:
+    ids: list[int]  # generated token ids, up to and including the stop token; no padding
+    finish_reason: str  # "stop" (a stop id was sampled) or "length" (max_new_tokens reached)
+    logprobs: list[float] | None  # per id: log-prob under the sampling distribution (see `sample`)
+    prompt_index: int  # which prompt this sample continues
+
+
+class KVCache:
+    """Static cache, slot == position per row (see the module docstring); implements model.KVCache.
+
+    The sampler sets `span` (how many slots are live) before each forward; attention spans those only.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, length: int, device, dtype):
+        shape = (cfg.num_hidden_layers, 2, batch, cfg.num_key_value_heads, length, cfg.head_dim)
+        # zeros, not empty: masked slots get softmax weight 0, and 0 * NaN garbage would still be NaN.
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)  # (L, 2, B, Hkv, S, D)
+        self.span = length
+
+    def attn_mask(self, pos: torch.Tensor) -> torch.Tensor:
+        """(B, T) positions -> (B, 1, T, span) bool: a query sees the slots at or before its position."""
+        return (torch.arange(self.span, device=pos.device) <= pos[..., None])[:, None]
+
+    def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        B, H, T, D = k.shape  # k, v: (B, Hkv, T, D), written at slots pos (B, T)
+        idx = pos[:, None, :, None].expand(B, H, T, D)
+        kb, vb = self.kv[layer, 0, :B], self.kv[layer, 1, :B]  # (B, Hkv, S, D) views
+        kb.scatter_(2, idx, k)
+        vb.scatter_(2, idx, v)
+        return kb[:, :, : self.span], vb[:, :, : self.span]  # (B, Hkv, span, D)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Make cache rows `rows` (in that order; repeats allowed) rows 0..len(rows)-1, in place.
+        Copies only the live slots; the rest of the buffer is garbage that stays masked."""
+        self.kv[:, :, : len(rows), :, : self.span] = self.kv[:, :, rows, :, : self.span]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator):
+    """logits (B, V) -> tokens (B,), their log-probs (B,) under the distribution sampled from:
+    softmax(logits / temperature) restricted to the top-p nucleus and renormalised. Greedy
+    (temperature 0) takes the argmax (first on ties) and reports log_softmax(logits), i.e. temperature 1."""
+    logits = logits.float()
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, F.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # mass before a token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))  # the top token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    logp = F.log_softmax(logits, -1)
+    tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+def prefill(model: Transformer, cache: KVCache, seqs: list[list[int]], starts: list[int]) -> torch.Tensor:
+    """Write the tokens seqs[b] of cache row b at positions starts[b], starts[b] + 1, ... (one
+    right-padded batch) and return the logits (B, V) after each row's last token (lm_head only there)."""
+    dev, B, T = cache.kv.device, len(seqs), max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=dev)  # (B, T)
+    pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # (B, T)
+    cache.span = max(starts) + T
+    h = model(ids, pos, cache, return_hidden=True)  # (B, T, H)
+    last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
+    return model.lm_head(h[torch.arange(B, device=dev), last]).float()  # (B, V)
+
+
+def decode_one_token(model: Transformer, cache: KVCache, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """tok, pos (B,): feed each row's last token at its position -> next-token logits (B, V)."""
+    return model(tok[:, None], pos[:, None], cache)[:, -1].float()
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _share_plan(prompts: list[list[int]], min_shared: int) -> list[tuple[int, list[int]]]:
+    """Group distinct prompts into [(shared prefix length, member indices)]; length 0 = not shared.
+
+    Sorted lexicographically, prompts with a common prefix are neighbours; a dynamic programme over
+    runs of neighbours minimises the tokens prefilled (a run of m prompts sharing s tokens saves
+    (m - 1) * s). A run shares only >= min_shared tokens and never a member's last token (its logits
+    are needed), so every member keeps a non-empty suffix."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    seq = [prompts[i] for i in order]
+    lcp = [_lcp(a, b) for a, b in zip(seq, seq[1:])]
+    best, choice = [0] * (len(seq) + 1), [(0, 0)] * (len(seq) + 1)  # best[j]: min cost of seq[:j]
+    for j in range(1, len(seq) + 1):
+        best[j], choice[j] = best[j - 1] + len(seq[j - 1]), (j - 1, 0)  # seq[j-1] alone
+        share, total = len(seq[j - 1]) - 1, len(seq[j - 1])
+        for i in range(j - 2, -1, -1):  # the run seq[i:j]
+            share, total = min(share, lcp[i], len(seq[i]) - 1), total + len(seq[i])
+            if share < min_shared:
+                break
+            if best[i] + total - (j - i - 1) * share < best[j]:
+                best[j], choice[j] = best[i] + total - (j - i - 1) * share, (i, share)
+    groups, j = [], len(seq)
+    while j > 0:
+        i, share = choice[j]
+        groups.append((share, order[i:j]))
+        j = i
+    return groups[::-1]
+
+
+def prefill_shared(model: Transformer, prompts: list[list[int]], batch: int, max_new_tokens: int,
+                   min_shared: int) -> tuple[KVCache, torch.Tensor]:
+    """Allocate the cache (`batch` rows) and prefill distinct `prompts` into rows 0..U-1, each shared
+    prefix once (see `_share_plan`). Returns the cache and the last-token logits (U, V)."""
+    w = model.model.embed_tokens.weight  # under unsharded(): the full weight in the compute dtype
+    shared = [(s, m) for s, m in _share_plan(prompts, min_shared) if s > 0]
+    start, parent = [0] * len(prompts), [0] * len(prompts)
+    for row, (s, members) in enumerate(shared):
+        for i in members:
+            start[i], parent[i] = s, row
+    suffixes = [p[s:] for p, s in zip(prompts, start)]
+    length = max(max(start) + max(map(len, suffixes)), max((s for s, _ in shared), default=0)) + max_new_tokens
+    cache = KVCache(model.config, batch, length, w.device, w.dtype)
+    if shared:  # level 1: each group's prefix once, then copy the rows to the group's members
+        prefill(model, cache, [prompts[m[0]][:s] for s, m in shared], [0] * len(shared))
+        cache.select(torch.tensor(parent, device=w.device))
+    return cache, prefill(model, cache, suffixes, start)  # level 2: every prompt's own suffix
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256,
+             temperature: float = 1.0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
+             seed: int | None = None, return_logprobs: bool = False, min_shared: int = 32,
+             compact_every: int = 8) -> list[Sample]:
+    """Sample n continuations of every prompt (see the module docstring); temperature 0 is greedy.
+    Returns len(prompts) * n Samples, prompt-major. `seed` None draws a fresh seed."""
+    prompts = [[int(t) for t in p] for p in prompts]
+    if not prompts or min(map(len, prompts)) == 0 or n < 1 or max_new_tokens < 1:
+        raise ValueError("generate needs non-empty prompts, n >= 1 and max_new_tokens >= 1")
+    with unsharded(model):
+        index: dict[tuple, int] = {}
+        unique_of = [index.setdefault(tuple(p), len(index)) for p in prompts]
+        uniq = [list(k) for k in index]
+        rows = [unique_of[p] for p in range(len(prompts)) for _ in range(n)]  # unique prompt per sample
+        N = len(rows)
+        cache, logits = prefill_shared(model, uniq, N, max_new_tokens, min_shared)
+        dev = cache.kv.device
+        g = torch.Generator(device=dev)
+        g.manual_seed(seed) if seed is not None else g.seed()
+        rows_t = torch.tensor(rows, device=dev)
+        cache.select(rows_t)  # copy each unique prompt's rows to its samples
+        logits = logits[rows_t]  # (N, V)
+        pos = torch.tensor([len(uniq[u]) for u in rows], device=dev)  # (N,) next position per row
+        longest = max(map(len, uniq))
+        stops = torch.tensor(list(stop_ids) or [-1], device=dev)
+        out = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=dev)
+        lps = torch.zeros((N, max_new_tokens), device=dev)
+        alive = torch.arange(N, device=dev)  # sample index of each cache row
+        done = torch.zeros(N, dtype=torch.bool, device=dev)
+        for step in range(max_new_tokens):
+            tok, lp = sample(logits, temperature, top_p, g)
+            out[alive, step], lps[alive, step] = tok, lp
+            done |= torch.isin(tok, stops)
+            if step == max_new_tokens - 1:
+                break
+            if (step + 1) % compact_every == 0 and bool(done.any()):
+                if bool(done.all()):
+                    break
+                keep = (~done).nonzero()[:, 0]
+                cache.select(keep)
+                alive, tok, pos, done = alive[keep], tok[keep], pos[keep], done[keep]
+            cache.span = longest + step + 1  # every live row's position is < this
+            logits = decode_one_token(model, cache, tok, pos)
+            pos = pos + 1
+    return _collect(out.tolist(), lps.tolist() if return_logprobs else None, set(stop_ids), n)
+
+
+def _collect(out: list[list[int]], lps: list[list[float]] | None, stops: set[int], n: int) -> list[Sample]:
+    """Cut each row after its first stop token (later columns are unwritten or garbage)."""
+    samples = []
+    for i, ids in enumerate(out):
+        end = next((j + 1 for j, t in enumerate(ids) if t in stops), None)
+        reason, end = ("stop", end) if end else ("length", len(ids))
+        samples.append(Sample(ids[:end], reason, lps[i][:end] if lps is not None else None, i // n))
+    return samples
