@@ -119,7 +119,7 @@ def update(policy, ref, batch: dict, cfg: TrainConfig, opt, world: int) -> dict:
                                  num_tokens)
             (loss * world).backward()
             if epoch == cfg.ppo_epochs - 1:
-                sums["loss"] += float(loss)
+                sums["loss"] += float(loss.detach())
                 sums["kl"] += st["kl"]
                 sums["clipped"] += st["clipped"]
         # 7. clip the global gradient norm and step
@@ -281,8 +281,8 @@ def main(cfg: TrainConfig) -> None:
     except ValueError as e:  # unknown task name or bad option
         raise UserError(str(e)) from None
     model_dir = resolve_model(cfg.model)
+    policy = load_hf(model_dir, device, torch.float32)  # first: it checks the directory and names what is wrong
     tok = AutoTokenizer.from_pretrained(model_dir)
-    policy = load_hf(model_dir, device, torch.float32)
     ref = load_hf(model_dir, device, torch.float32).requires_grad_(False) if cfg.beta > 0 else None
 
     # 1. the failure set: given, saved by an earlier run in out_dir, or built now from the step-0 policy
@@ -410,11 +410,12 @@ def cli(argv: list[str]) -> None:
     from r3.checkpoint import CheckpointError
     from r3.cli import parse_flags
     from r3.tasks import TaskDataError
+    from sample import SampleError
 
     cfg = parse_flags(TrainConfig, argv, prog="train.py", description=__doc__.split("\n\n")[0])
     try:
         main(cfg)
-    except (UserError, CheckpointError, TaskDataError) as e:
+    except (UserError, CheckpointError, TaskDataError, SampleError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -36,6 +36,7 @@ def is_distributed() -> bool:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
 
 

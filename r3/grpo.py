@@ -26,7 +26,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     all equal gets exactly 0, so it contributes no gradient."""
     if scale not in ("group", "none"):
         raise ValueError(f"advantage scale must be 'group' or 'none', got {scale!r}")
-    r = rewards.float().view(-1, group_size)  # (groups, G)
+    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).view(-1, group_size)  # (groups, G)
     centred = r - r.mean(dim=1, keepdim=True)
     if scale == "group":
         centred = centred / (r.std(dim=1, keepdim=True) + eps)
@@ -66,7 +66,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         per_token = per_token + beta * kl
     loss = (per_token * m).sum() / num_tokens
     clipped = ((ratio < 1 - clip_eps) & (a < 0)) | ((ratio > 1 + clip_eps) & (a > 0))  # where the clip binds
-    sums = {"kl": float((kl * m).sum()), "clipped": float((clipped.float() * m).sum())}
+    sums = {"kl": float((kl.detach() * m).sum()), "clipped": float((clipped.float() * m).sum())}
     return loss, sums
 
 

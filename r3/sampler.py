@@ -109,7 +109,13 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))  # the top token always stays
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     logp = F.log_softmax(logits, -1)
-    tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    # Inverse-CDF sampling: one uniform per row. torch.multinomial draws V exponentials per row
+    # (about 10x slower here for V = 49k). right=True never picks a zero-probability token; if rounding
+    # makes u reach the total (p ~ 1e-7) the index is V, and the argmax, always in the nucleus, is taken.
+    cdf = logp.exp().cumsum(-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u, right=True)[:, 0]
+    tok = torch.where(tok < cdf.shape[-1], tok, logits.argmax(-1))
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 

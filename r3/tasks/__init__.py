@@ -4,15 +4,17 @@ A task is what the training and sampling scripts need to know about a problem se
 
     name: str                                   registry name, e.g. "countdown"
     reflection_prompt: str                      the paper's reflection request for this task (PAPER.md 5)
-    examples(split) -> list[dict]               JSON-serialisable dicts (they go into failures JSONL and back)
+    examples(split) -> list[dict]               "train" / "test" (bfcl also takes a category name); each a
+                                                JSON-serialisable dict (they go into failures JSONL and back)
     prompt(example) -> list[dict]               chat messages of the first attempt; the retry re-asks them
     verify(example, text) -> bool               the binary reward; never raises, whatever the text
 
 `get_task(name, **options)` builds one. Tasks load their data lazily, on the first `examples()` call.
 This module does not render chat templates (r3/chat.py) and does not sample (sample.py).
 
-Errors a user can cause with data (missing file, malformed line, empty split) raise `TaskDataError`, a
-ValueError whose message names the file, line and fix, so scripts can print it without a traceback.
+Errors a user can cause (unknown task, option or split; missing file, malformed line, empty split) raise
+`TaskDataError`, a ValueError whose message names the thing (file and line) and the fix, so scripts can
+print it without a traceback.
 """
 import hashlib
 import importlib
@@ -23,7 +25,7 @@ from typing import Protocol
 
 
 class TaskDataError(ValueError):
-    """Bad or missing task data; the message names the file (and line) and says what to do."""
+    """A task asked for wrongly, or bad or missing data; the message names the thing and the fix."""
 
 
 class Task(Protocol):
@@ -52,14 +54,14 @@ REGISTRY = {
 def get_task(name: str, **options) -> Task:
     """Build the task registered as `name`; `options` override its preset (see each class's fields)."""
     if name not in REGISTRY:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(REGISTRY))}")
+        raise TaskDataError(f"unknown task {name!r}; known tasks: {', '.join(sorted(REGISTRY))}")
     module_name, class_name, preset = REGISTRY[name]
     # Imported here, not at the top: the task modules import TaskDataError from this package.
     cls = getattr(importlib.import_module(f"r3.tasks.{module_name}"), class_name)
     allowed = [p for p in inspect.signature(cls).parameters if p != "name"]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for task {name!r}; valid options: {allowed}")
+        raise TaskDataError(f"unknown option(s) {unknown} for task {name!r}; valid options: {allowed}")
     return cls(name=name, **{**preset, **options})
 
 

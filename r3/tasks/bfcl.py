@@ -50,7 +50,7 @@ _NOISE = re.compile(r"[ ,./\-_*^]")  # BFCL's standardize_string drops these cha
 @dataclass
 class BFCL:
     name: str = "bfcl"
-    data_dir: str | None = None  # folder with BFCL_v4_<category>.json and possible_answer/; None: bfcl_eval's
+    data_path: str | None = None  # folder with BFCL_v4_<category>.json and possible_answer/; None: bfcl_eval's
     num_examples: int | None = None  # use only the first N examples of a split (None: all)
     reflection_prompt: ClassVar[str] = REFLECTION_PROMPT
     _cache: dict = field(default_factory=dict, init=False, repr=False)
@@ -59,11 +59,11 @@ class BFCL:
         """Dicts {id, category, question: [messages], functions: [docs], possible_answer: [calls]}."""
         categories = SPLITS.get(split) or ((split,) if split in CATEGORIES else None)
         if categories is None:
-            raise ValueError(f"unknown split {split!r} for task {self.name!r}; use one of "
+            raise TaskDataError(f"unknown split {split!r} for task {self.name!r}; use one of "
                              f"{list(SPLITS) + list(CATEGORIES)}")
         for c in categories:
             if c not in self._cache:
-                self._cache[c] = load_category(bfcl_data_dir(self.data_dir), c)
+                self._cache[c] = load_category(bfcl_data_dir(self.data_path), c)
         examples = [ex for c in categories for ex in self._cache[c]][: self.num_examples]
         return require_nonempty(examples, self.name, split, f"check the files of {categories}")
 

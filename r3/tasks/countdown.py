@@ -53,17 +53,24 @@ class Countdown:
     max_number: int = 99  # generated numbers are drawn from 1..max_number, repeats allowed (as in 3to4)
     max_target: int = 100  # generated targets are integers in 1..max_target
     seed: int = 0  # generator seed
-    num_examples: int | None = 20_000  # pool size before the split (file: first N rows; None: all rows)
+    num_examples: int | None = 20_000  # pool size before the split (file: first N; None: all / 20,000)
     test_fraction: float = 0.1  # share of the pool held out as test, chosen by hash of the problem
     data_path: str | None = None  # JSONL/JSON/parquet rows with `target` and `nums`; None: generate
     oneshot: bool = True  # put one worked example in the prompt (the paper's prompts were one-shot)
     reflection_prompt: ClassVar[str] = REFLECTION_PROMPT
     _pool: dict | None = field(default=None, init=False, repr=False)
 
+    def __post_init__(self):
+        if min(self._sizes()) < 2 or self.max_number < 1 or self.max_target < 1:
+            raise TaskDataError(f"task {self.name!r}: n_numbers must be >= 2 and max_number, max_target >= 1; "
+                                f"got {self.n_numbers}, {self.max_number}, {self.max_target}")
+        if not 0 <= self.test_fraction < 1:
+            raise TaskDataError(f"task {self.name!r}: test_fraction must be in [0, 1), got {self.test_fraction}")
+
     def examples(self, split: str) -> list[dict]:
         """'train' or 'test' problems: dicts {id, nums, target} (+ `solution` when generated)."""
         if split not in ("train", "test"):
-            raise ValueError(f"unknown split {split!r} for task {self.name!r}; use 'train' or 'test'")
+            raise TaskDataError(f"unknown split {split!r} for task {self.name!r}; use 'train' or 'test'")
         if self._pool is None:
             self._pool = {"train": [], "test": []}
             for ex in self._load():
@@ -121,7 +128,7 @@ def generate(n: int, sizes: list[int], max_number: int, max_target: int, seed: i
 
 def random_expression(nums: list[int], rng: random.Random) -> tuple[str, Fraction | None]:
     """A random binary tree over a shuffled copy of `nums` with random + - * /; (text, exact value).
-    The value is None after a division by zero. Every inner node is parenthesised except the root."""
+    The value is None after a division by zero or past MAX_MAGNITUDE. Inner nodes are parenthesised."""
     order = list(nums)
     rng.shuffle(order)
 
@@ -134,6 +141,8 @@ def random_expression(nums: list[int], rng: random.Random) -> tuple[str, Fractio
         if lv is None or rv is None or (op == "/" and rv == 0):
             return "", None
         value = _OPS[op](lv, rv)
+        if abs(value.numerator) > MAX_MAGNITUDE or value.denominator > MAX_MAGNITUDE:
+            return "", None  # the verifier would reject it (huge max_number only)
         wrap = lambda t: t if t.isdigit() else f"({t})"  # noqa: E731
         return f"{wrap(lt)} {op} {wrap(rt)}", value
 
@@ -170,16 +179,29 @@ def extract_equation(text: str) -> str | None:
 
     So code fences, "Equation:" / "Answer:" prefixes, markdown and surrounding words fall away, and a
     trailing "= 16" (or "= anything") is dropped because "=" ends a run and "16" alone has no operator.
-    × · \\times \\cdot ÷ \\div − are read as * / -; a trailing period is dropped.
+    × · \\times \\cdot ÷ \\div − are read as * / -; a trailing period and markdown emphasis (**...**) are
+    dropped. An equation that touches a letter (a call such as "abs(9 + 4) * 3") gives None.
+    NOTE: "abs (9 + 4) * 3", with a space, passes as "(9 + 4) * 3": words are not told apart from names.
     """
     for symbol, ascii_op in _SYMBOLS.items():
         text = text.replace(symbol, ascii_op)
     text = _LATEX_DELIMS.sub(" ", text)
     for line in reversed(text.splitlines()):
-        runs = [r.strip().rstrip(".").strip() for r in _RUN.findall(line)]
-        runs = [r for r in runs if _DIGIT.search(r) and _OPERATOR.search(r)]
-        if runs:
-            return runs[-1]
+        found = None
+        for match in _RUN.finditer(line):
+            raw = match.group()
+            run = raw.strip(" \t").rstrip(".")
+            if run.startswith("*"):  # markdown emphasis, not a product: "**(9 + 4) * 3**", "**Answer:** 9 + 4"
+                run = run.strip("* \t").rstrip(".")
+            run = run.strip(" \t")
+            if _DIGIT.search(run) and _OPERATOR.search(run):
+                start = match.start() + raw.find(run)
+                found = run, start, start + len(run)
+        if found is not None:
+            # An equation glued to a word is part of something else: "abs(9 + 4) * 3", "max(3, 4) + 1".
+            run, start, end = found
+            neighbours = line[max(start - 1, 0): start] + line[end: end + 1]
+            return None if any(c.isalpha() or c == "_" for c in neighbours) else run
     return None
 
 

@@ -26,10 +26,10 @@ ANSWER_FORMAT = (
     '[{"name": "tool_name", "arguments": {"argument_name": "value"}}]'
 )
 
-MAX_TEXT_CHARS = 50_000  # longer answers are rejected unread; a real call list is a few hundred chars
-MAX_STARTS = 32  # how many "[" / "{" positions parse_calls tries before giving up
+MAX_TEXT_CHARS = 20_000  # longer answers are rejected unread (BFCL's longest answer is ~1.3k chars)
+MAX_STARTS = 32  # how many top-level "[" / "{" positions parse_calls tries before giving up
 _FENCE = re.compile(r"```[A-Za-z]*")
-_START = re.compile(r"[\[{]")
+_BRACKET = re.compile(r"[\[\]{}]")
 
 
 @dataclass
@@ -44,7 +44,7 @@ class XLAM:
     def examples(self, split: str) -> list[dict]:
         """'train' or 'test' records as dicts {id, query, tools: list, answers: list}."""
         if split not in ("train", "test"):
-            raise ValueError(f"unknown split {split!r} for task {self.name!r}; use 'train' or 'test'")
+            raise TaskDataError(f"unknown split {split!r} for task {self.name!r}; use 'train' or 'test'")
         if self.data_path is None:
             raise TaskDataError(f"task {self.name!r} needs data: pass data_path=<xLAM/APIGen .json/.jsonl file>")
         if self._pool is None:
@@ -95,26 +95,40 @@ def tool_prompt(tools: list, question: str) -> str:
 def parse_calls(text: str) -> list[dict] | None:
     """The list of calls `[{"name": str, "arguments": dict}, ...]` in the model's text, or None.
 
-    Forgiving on the wrapping, strict on the content: code fences are dropped; the whole text is tried
-    as JSON, then the first JSON value starting at one of the first MAX_STARTS "[" or "{" that has the
-    shape of a call list. A single call object counts as a one-call list (small models often drop the
-    brackets around one call; the content is the same). A call must have exactly the keys "name" and
-    "arguments". Never raises: over-long text and too-deep nesting give None.
+    Forgiving on the wrapping, strict on the content: code fences are dropped, and the first JSON value
+    that starts at a top-level "[" or "{" (not inside another bracket) and has the shape of a call list
+    is taken, so prose before and after is fine. A single call object counts as a one-call list (small
+    models often drop the brackets around one call; the content is the same). A call has exactly the
+    keys "name" and "arguments". A list with anything else in it is no answer, and neither is a call
+    inside an unclosed list (a truncated answer). Never raises: over-long or too-deep text gives None.
+    NOTE: brackets are counted without regard to JSON strings, so prose with an unclosed "[" before
+    the answer hides the answer.
     """
     if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
         return None
-    text = _FENCE.sub(" ", text).strip()
+    text = _FENCE.sub(" ", text)
     decoder = json.JSONDecoder()
-    candidates = [0] + [m.start() for m in islice(_START.finditer(text), MAX_STARTS)]
-    for start in candidates:
+    for start in islice(_top_level_starts(text), MAX_STARTS):
         try:
-            value = json.loads(text) if start == 0 else decoder.raw_decode(text, start)[0]
+            value = decoder.raw_decode(text, start)[0]
         except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; "[" * 10**4 recurses
             continue
         calls = [value] if isinstance(value, dict) else value
         if isinstance(calls, list) and calls and all(_is_call(c) for c in calls):
             return calls
     return None
+
+
+def _top_level_starts(text: str):
+    """Positions of the "[" and "{" that open at bracket depth 0."""
+    depth = 0
+    for match in _BRACKET.finditer(text):
+        if match.group() in "[{":
+            if depth == 0:
+                yield match.start()
+            depth += 1
+        else:
+            depth = max(depth - 1, 0)
 
 
 def _is_call(c) -> bool:

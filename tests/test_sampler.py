@@ -1,0 +1,168 @@
+"""r3.sampler.generate samples what the model says, whatever the batch around a prompt looks like.
+
+Proves, on tiny random Llama and Qwen2 models (fp32, CPU) against a per-token Python loop that recomputes
+a full forward (no cache) at every step:
+- greedy decoding with the KV cache equals the argmax of the full forward, token for token;
+- mixed-length (right-padded) batches, prompts sharing a prefix (prefilled once, min_shared), the n
+  samples of one prompt (prefilled once, rows copied) and finished rows dropped from the batch all give,
+  greedily, exactly what each prompt gives alone;
+- sampling is reproducible from the seed, and another seed gives other samples;
+- stops and finish reasons are right, and the returned log-probs are the log-softmax of the
+  temperature-scaled full-forward logits at the sampled tokens; top-p samples only from the nucleus;
+and on the real default model (slow): greedy output equals transformers' generate(do_sample=False).
+"""
+import pytest
+import torch
+
+from conftest import ours_from_hf, tiny_hf_model
+from r3.sampler import _share_plan, generate, sample
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request):
+    return ours_from_hf(tiny_hf_model(request.param, tied=request.param == "llama", vocab=128))
+
+
+def _prompts(lengths, seed=0, vocab=128):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def _reference_greedy(model, prompt, steps):
+    """No cache: recompute the full forward over prompt + generated tokens at every step."""
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def _diff(got, ref):
+    return f"\n ours {got}\n ref  {ref}"
+
+
+def test_kv_cache_greedy_equals_full_forward(tiny):
+    prompt = _prompts([11])[0]
+    got = generate(tiny, [prompt], max_new_tokens=40, temperature=0)[0]
+    ref = _reference_greedy(tiny, prompt, 40)
+    assert got.ids == ref, _diff(got.ids, ref)
+    assert got.finish_reason == "length" and got.prompt_index == 0
+
+
+def test_mixed_length_batch_equals_each_prompt_alone(tiny):
+    prompts = _prompts([1, 17, 5, 33, 2], seed=1)
+    batch = generate(tiny, prompts, max_new_tokens=24, temperature=0)
+    for i, p in enumerate(prompts):
+        alone = generate(tiny, [p], max_new_tokens=24, temperature=0)[0].ids
+        assert batch[i].ids == alone == _reference_greedy(tiny, p, 24), f"prompt {i}" + _diff(batch[i].ids, alone)
+
+
+def test_shared_prefix_prefilled_once_gives_the_same_tokens(tiny):
+    ctx = _prompts([40], seed=2)[0]
+    tails = _prompts([3, 9, 1, 6], seed=3)
+    prompts = [ctx + t for t in tails] + _prompts([8], seed=4)  # 4 share the context, 1 does not
+    plan = _share_plan(prompts, min_shared=16)
+    assert sorted((s, sorted(m)) for s, m in plan) == [(0, [4]), (40, [0, 1, 2, 3])]
+    shared = generate(tiny, prompts, max_new_tokens=20, temperature=0, min_shared=16)
+    for i, p in enumerate(prompts):
+        ref = _reference_greedy(tiny, p, 20)
+        assert shared[i].ids == ref, f"prompt {i}" + _diff(shared[i].ids, ref)
+
+
+def test_share_plan_never_shares_a_prompts_last_token_and_respects_min_shared():
+    a = list(range(10, 50))
+    plan = _share_plan([a, a + [7, 8], a[:20] + [1]], min_shared=16)  # a is a prefix of the second
+    assert sorted((s, sorted(m)) for s, m in plan) == [(39, [0, 1]), (0, [2])] or \
+        sorted((s, sorted(m)) for s, m in plan) == [(0, [2]), (39, [0, 1])]
+    assert all(s == 0 for s, _ in _share_plan([a, a[:10] + [1, 2, 3]], min_shared=16))
+
+
+def test_n_samples_greedy_equal_copies_of_the_prompt(tiny):
+    p, q = _prompts([9, 4], seed=5)
+    shared = generate(tiny, [p, q], n=4, max_new_tokens=16, temperature=0)
+    assert [s.prompt_index for s in shared] == [0, 0, 0, 0, 1, 1, 1, 1]
+    copies = generate(tiny, [p, p, p, p, q], max_new_tokens=16, temperature=0)
+    for s in shared[:4]:
+        assert s.ids == copies[0].ids == _reference_greedy(tiny, p, 16)
+    assert all(s.ids == copies[4].ids for s in shared[4:])
+
+
+def test_same_seed_reproduces_and_another_seed_differs(tiny):
+    prompts = _prompts([7, 12], seed=6)
+    kw = dict(n=4, max_new_tokens=20, temperature=1.0, top_p=0.95)
+    a = [s.ids for s in generate(tiny, prompts, seed=123, **kw)]
+    b = [s.ids for s in generate(tiny, prompts, seed=123, **kw)]
+    c = [s.ids for s in generate(tiny, prompts, seed=124, **kw)]
+    assert a == b
+    assert a != c
+    assert len({tuple(x) for x in a[:4]}) > 1, "the n samples of one prompt should differ at temperature 1"
+
+
+def test_stops_at_stop_token_and_at_max_new_tokens(tiny):
+    prompts = _prompts([6, 15, 3], seed=7)
+    free = generate(tiny, prompts, max_new_tokens=30, temperature=0)
+    stop = free[1].ids[4]  # prompt 1 stops at its first occurrence of this token, at index <= 4
+    cut = free[1].ids.index(stop) + 1
+    got = generate(tiny, prompts, max_new_tokens=30, temperature=0, stop_ids=[stop], compact_every=2)
+    assert got[1].ids == free[1].ids[:cut] and got[1].finish_reason == "stop"
+    for g, f in zip(got, free):  # the others are cut at their own first `stop`, or run to the length limit
+        n = f.ids.index(stop) + 1 if stop in f.ids else 30
+        assert g.ids == f.ids[:n] and g.finish_reason == ("stop" if stop in f.ids else "length")
+    short = generate(tiny, prompts, max_new_tokens=3, temperature=0)
+    assert all(len(s.ids) == 3 and s.finish_reason == "length" for s in short)
+
+
+def test_finished_rows_dropped_from_the_batch_do_not_change_the_others(tiny):
+    prompts = _prompts([5, 8, 13, 21, 2, 9], seed=8)
+    free = generate(tiny, prompts, max_new_tokens=30, temperature=0)
+    stops = {f.ids[k] for f, k in zip(free[:3], (2, 6, 11))}  # some rows stop early, some late or never
+    for every in (1, 3, 8):
+        got = generate(tiny, prompts, max_new_tokens=30, temperature=0, stop_ids=stops, compact_every=every)
+        for g, f in zip(got, free):
+            n = next((j + 1 for j, t in enumerate(f.ids) if t in stops), 30)
+            assert g.ids == f.ids[:n], f"compact_every={every}" + _diff(g.ids, f.ids[:n])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
+def test_logprobs_equal_log_softmax_of_full_forward(tiny, temperature):
+    prompts = _prompts([4, 10], seed=9)
+    out = generate(tiny, prompts, n=2, max_new_tokens=12, temperature=temperature, seed=0, return_logprobs=True)
+    for s in out:
+        p = prompts[s.prompt_index]
+        with torch.no_grad():
+            logits = tiny(torch.tensor([p + s.ids]))[0, len(p) - 1:-1]  # (T, V): the logits each id was drawn from
+        ref = torch.log_softmax(logits / (temperature or 1.0), -1).gather(-1, torch.tensor(s.ids)[:, None])[:, 0]
+        diff = (torch.tensor(s.logprobs) - ref).abs()
+        assert len(s.logprobs) == len(s.ids) and diff.max() < 1e-5, f"max {diff.max():.3g} mean {diff.mean():.3g}"
+
+
+def test_top_p_samples_only_from_the_nucleus_and_renormalises():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    tok, lp = sample(logits, 1.0, 0.8, torch.Generator().manual_seed(0))
+    assert set(tok.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.8: tokens 2 and 3 are outside
+    torch.testing.assert_close(lp.exp(), torch.tensor([0.5 / 0.8, 0.3 / 0.8])[tok])
+    assert abs((tok == 0).float().mean().item() - 0.625) < 0.05
+    tok, _ = sample(logits[:5], 1.0, 1e-6, torch.Generator().manual_seed(0))
+    assert tok.tolist() == [0] * 5  # a tiny nucleus is the argmax
+
+
+@pytest.mark.slow
+def test_greedy_matches_transformers_generate_on_default_model(default_dir, default_tok):
+    from transformers import AutoModelForCausalLM
+
+    from r3.chat import end_of_turn_id, render_prompt
+    from r3.checkpoint import load_hf
+
+    questions = ["What is the capital of France?", "Write a haiku about the sea.",
+                 "Explain recursion in one paragraph.", "List three prime numbers and say why they are prime.",
+                 "How many legs does a spider have?", "Translate 'good morning' into Spanish and German."]
+    prompts = [render_prompt(default_tok, [{"role": "user", "content": q}]) for q in questions]
+    stop = end_of_turn_id(default_tok)
+    ours = generate(load_hf(default_dir, "cpu", torch.float32), prompts, max_new_tokens=40, temperature=0,
+                    stop_ids=[stop])  # one batch: mixed lengths, a shared system-prompt prefix
+    hf = AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32).eval()
+    for i, p in enumerate(prompts):
+        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                          max_new_tokens=40, eos_token_id=stop, pad_token_id=stop)[0, len(p):].tolist()
+        assert ours[i].ids == ref, f"prompt {i}: {default_tok.decode(ref)!r}" + _diff(ours[i].ids, ref)
+        assert ours[i].finish_reason == ("stop" if ref[-1] == stop else "length")
