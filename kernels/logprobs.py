@@ -84,7 +84,7 @@ def _logprobs_fwd_kernel(logits_ptr, targets_ptr, mask_ptr, out_ptr, lse_ptr,
 @triton.jit
 def _logprobs_bwd_kernel(logits_ptr, targets_ptr, mask_ptr, lse_ptr, grad_out_ptr, grad_logits_ptr,
                          stride_logits, stride_grad, V, temperature, BLOCK_V: tl.constexpr):
-    """One program per row n: grad_logits[n] = mask * g[n] * (onehot(targets[n]) - softmax(logits[n] / T)) / T.
+    """One program per row n: grad_logits[n] = mask * g * (onehot(target) - softmax(logits[n] / T)) / T.
 
     logits_ptr, targets_ptr, mask_ptr: as in the forward kernel
     lse_ptr:         (N,) fp32 logsumexp(logits / T) saved by the forward

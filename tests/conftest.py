@@ -4,6 +4,8 @@ TRITON_INTERPRET must be set before triton is first imported (so the Triton kern
 the interpreter), and HF_HUB_OFFLINE before transformers is (no hub is reachable here).
 """
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,3 +66,28 @@ def ours_from_hf(hf_model):
         ours.lm_head.weight = ours.model.embed_tokens.weight
     ours.hf_config = hf_model.config.to_dict()
     return ours.eval()
+
+
+class ParityTask:
+    """Toy task: any text whose length is even is 'correct' (random models get ~50%)."""
+    name = "parity"
+    reflection_prompt = "You failed. Reflect."
+
+    def examples(self, split):
+        return [{"q": f"Say something, {i}."} for i in range(6)]
+
+    def prompt(self, ex):
+        return [{"role": "user", "content": ex["q"]}]
+
+    def verify(self, ex, text):
+        return len(text) % 2 == 0
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, default_dir):
+    """A tiny random Llama with the default model's tokenizer (vocab 49,152)."""
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_hf_model("llama", tied=True, vocab=49152, layers=2).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(Path(default_dir) / f, d / f)
+    return d

@@ -62,7 +62,7 @@ CASES = [(423, 1000, 0.7), (423, 1000, 1.0), (423, 10007, 0.7), (423, 49152, 0.7
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("N,V,temperature", CASES, ids=["423x1000-T0.7", "423x1000-T1", "423x10007-T0.7", "423x49152-T0.7"])
+@pytest.mark.parametrize("N,V,temperature", CASES, ids=[f"{n}x{v}-T{t}" for n, v, t in CASES])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logprobs_and_grads_match_reference(backend, N, V, temperature, dtype):
     logits, targets, mask = make_rows(N, V, dtype)

@@ -9,7 +9,6 @@ resumable; an empty failure set and an incompatible resume end with one clear me
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,34 +17,9 @@ import pytest
 import torch
 
 import train
-from conftest import tiny_hf_model
+from conftest import ParityTask
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class ParityTask:
-    """Toy task: any text whose length is even is 'correct' (random models get ~50%)."""
-    name = "parity"
-    reflection_prompt = "You failed. Reflect."
-
-    def examples(self, split):
-        return [{"q": f"Say something, {i}."} for i in range(6)]
-
-    def prompt(self, ex):
-        return [{"role": "user", "content": ex["q"]}]
-
-    def verify(self, ex, text):
-        return len(text) % 2 == 0
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, default_dir):
-    """A tiny random Llama with the default model's tokenizer (vocab 49,152)."""
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_hf_model("llama", tied=True, vocab=49152, layers=2).save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(Path(default_dir) / f, d / f)
-    return d
 
 
 @pytest.fixture()

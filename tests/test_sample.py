@@ -1,0 +1,91 @@
+"""sample.py end to end on a tiny model: the failure set survives interruption, eval fills the four-column row.
+
+Proves: `failures` writes {task, example, attempt} rows for exactly the failed attempts, and a run
+killed after its first chunk resumes from <out>.partial to the same file an uninterrupted run writes;
+`eval` reports first-try and +reflection second-try accuracy with 95% intervals (second >= first) and
+writes its full config; bad input ends with one clear message naming the file and line.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import r3.rollout
+import sample
+from conftest import ParityTask
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def toy(monkeypatch):
+    import r3.tasks
+
+    monkeypatch.setattr(r3.tasks, "get_task", lambda name, **kw: ParityTask())
+
+
+def _cfg(tiny_dir, out, **kw):
+    return sample.SampleConfig(**(dict(model=str(tiny_dir), task="parity", num_examples=6, attempts=3, max_per_query=0,
+                                       max_new_tokens=5, max_reflection_tokens=6, chunk=2, out=str(out), seed=1) | kw))
+
+
+def test_failures_are_exactly_the_failed_attempts(tiny_dir, toy, tmp_path, capsys):
+    sample.failures(_cfg(tiny_dir, tmp_path / "f.jsonl"))
+    rows = sample.read_jsonl(tmp_path / "f.jsonl")
+    task = ParityTask()
+    assert rows and all(not task.verify(r["example"], r["attempt"]) and r["task"] == "parity" for r in rows)
+    ok = int(capsys.readouterr().out.split("(")[1].split("/")[0])
+    assert ok + len(rows) == 6 * 3  # every attempt is either a success or a written failure
+    assert not (tmp_path / "f.jsonl.partial").exists()
+
+
+def test_failures_resume_after_interruption(tiny_dir, toy, tmp_path, monkeypatch):
+    sample.failures(_cfg(tiny_dir, tmp_path / "straight.jsonl"))
+    real, calls = r3.rollout.collect_failures, []
+
+    def dies_on_second_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(r3.rollout, "collect_failures", dies_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        sample.failures(_cfg(tiny_dir, tmp_path / "resumed.jsonl"))
+    assert not (tmp_path / "resumed.jsonl").exists()
+    assert len(sample.read_jsonl(tmp_path / "resumed.jsonl.partial")) == 1  # the first chunk was kept
+    monkeypatch.setattr(r3.rollout, "collect_failures", real)
+    sample.failures(_cfg(tiny_dir, tmp_path / "resumed.jsonl"))
+    assert (tmp_path / "resumed.jsonl").read_text() == (tmp_path / "straight.jsonl").read_text()
+
+
+def test_eval_end_to_end(tiny_dir, toy, tmp_path):
+    result = sample.evaluate(_cfg(tiny_dir, tmp_path / "eval.json", greedy=False, temperature=1.0))
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["n"] == 6 and saved["config"]["model"] == str(tiny_dir)
+    assert result["second"]["correct"] >= result["first"]["correct"]
+    for key in ("first", "second"):
+        lo, hi = saved[key]["ci95"]
+        assert 0 <= lo <= saved[key]["accuracy"] <= hi <= 1
+    failed_first = [r for r in saved["rows"] if not r["first"]]
+    assert all("reflection" in r and "retry" in r for r in failed_first)
+
+
+def test_wilson_interval_matches_known_values():
+    lo, hi = sample.wilson(10, 100)
+    assert abs(lo - 0.0552) < 1e-3 and abs(hi - 0.1744) < 1e-3
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
+    with pytest.raises(sample.SampleError, match=r"bad\.jsonl:2: malformed JSON line"):
+        sample.read_jsonl(f)
+
+
+def test_unknown_task_is_one_line_error():
+    r = subprocess.run([sys.executable, "sample.py", "eval", "--task=nope"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("error: unknown task 'nope'"), r.stderr[-500:]
