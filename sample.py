@@ -34,6 +34,7 @@ class SampleConfig:
     model: str = "default"  # "default" (SmolLM2-135M-Instruct from PyPI) or an HF model directory
     task: str = "countdown_easy"  # task name (r3/tasks)
     task_data: str = ""  # data file for tasks that read one (xlam, countdown from a file)
+    task_options: str = ""  # task options overriding its preset, e.g. "n_numbers=2,max_number=10"
     split: str = ""  # split to sample ("" : train for failures, test for eval; BFCL also takes a category name)
     num_examples: int = 200  # queries to use (the first N of the split)
     attempts: int = 4  # failures: first attempts per query (K)
@@ -91,12 +92,9 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
 def _setup(cfg: SampleConfig, default_split: str):
     from transformers import AutoTokenizer
 
-    from r3.tasks import get_task
+    from r3.tasks import task_from_flags
 
-    try:
-        task = get_task(cfg.task, **({"data_path": cfg.task_data} if cfg.task_data else {}))
-    except ValueError as e:
-        raise SampleError(str(e)) from None
+    task = task_from_flags(cfg.task, cfg.task_data, cfg.task_options)
     examples = task.examples(cfg.split or default_split)[: cfg.num_examples]
     if not examples:
         raise SampleError(f"split {cfg.split or default_split!r} of task {cfg.task!r} is empty")

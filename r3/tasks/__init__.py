@@ -137,3 +137,42 @@ def require_nonempty(examples: list[dict], task: str, split: str, hint: str) -> 
     if not examples:
         raise TaskDataError(f"split {split!r} of task {task!r} is empty; {hint}")
     return examples
+
+
+def parse_options(text: str) -> dict:
+    """"n_numbers=2,max_number=10" (the scripts' --task_options flag) -> {"n_numbers": 2, "max_number": 10}.
+    Values are read as JSON where they parse (numbers, true/false, [lists]) and as strings otherwise."""
+    options = {}
+    for item in filter(None, (s.strip() for s in _split_top_level(text))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TaskDataError(f"task option {item!r} is not key=value (e.g. --task_options=n_numbers=3,max_number=20)")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+    return options
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets, so "n_numbers=[2,3],seed=1" keeps its list."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def task_from_flags(name: str, data_path: str = "", options: str = "") -> Task:
+    """What train.py and sample.py do with --task, --task_data and --task_options."""
+    opts = parse_options(options)
+    if data_path:
+        opts["data_path"] = data_path
+    return get_task(name, **opts)
