@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
-import torch
+# Run as a script, this folder is sys.path[0], where bench/signal.py would shadow the standard library's
+# `signal` (imported by torch): search the repository root instead.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from r3.chat import render_prompt
-from r3.checkpoint import load_hf, resolve_model
-from r3.sampler import generate
+import torch  # noqa: E402
+
+from r3.chat import render_prompt  # noqa: E402
+from r3.checkpoint import load_hf, resolve_model  # noqa: E402
+from r3.sampler import generate  # noqa: E402
 
 TOPICS = ["the water cycle", "binary search", "the French revolution", "photosynthesis", "TCP handshakes",
           "compound interest", "volcanoes", "the Pythagorean theorem"]
@@ -33,10 +39,9 @@ def rollout_prompts(tok, target: int = 250) -> list[list[int]]:
     prompts = []
     for i, topic in enumerate(TOPICS):
         text = f"Explain {topic} to a student, step by step."
-        filler = [f" Point {k}: keep it concrete, mention an example about {topic}, and avoid jargon." for k in range(60)]
         k = 0
         while len(render_prompt(tok, [{"role": "user", "content": text}])) < target - 8 * (i % 3):
-            text += filler[k]
+            text += f" Point {k}: keep it concrete, mention an example about {topic}, and avoid jargon."
             k += 1
         prompts.append(render_prompt(tok, [{"role": "user", "content": text}]))
     return prompts
@@ -53,7 +58,7 @@ def run_hf(hf, tok, prompts, n, new_tokens, temperature):
     width = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    kw = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+    kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature else dict(do_sample=False)
     secs, out = timed(lambda: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                           min_new_tokens=new_tokens, num_return_sequences=n,
                                           pad_token_id=tok.pad_token_id, **kw))

@@ -35,14 +35,17 @@ with the same seed gives the same samples. A sample's draws depend on the other 
 Greedy (temperature 0) results do not depend on the other prompts of the call, up to the last-bit
 differences of differently shaped matmuls (see tests/test_sampler.py, which checks exact equality).
 
-FSDP2: the call runs under torch.no_grad() (not inference_mode, so the tensors stay usable by
-autograd-aware FSDP hooks) inside `r3.dist.unsharded(model)`, which gathers the full weights once per
-call. Memory while sampling, per rank: the full parameters in the compute dtype (about 1x the model) on
-top of the shards, plus the KV cache, 2 * layers * N * S * Hkv * D elements (e.g. the default 135M model,
-N=64, S=384: 1.1 GB in fp32), plus the logits of one step (N, V) in fp32.
+FSDP2: the call runs under torch.no_grad() (not inference_mode: parameters FSDP gathers there would
+become inference tensors that the next training step cannot use) inside `r3.dist.unsharded(model)`,
+which gathers the full weights once per call instead of once per decode step. Memory while sampling,
+per rank: the full parameters in the compute dtype (about 1x the model) on top of the shards, plus the
+KV cache, 2 * layers * N * S * Hkv * D elements (default 135M model, N=64, S=384: 1.1 GB in fp32), plus
+a transient copy of its live part when rows are copied or compacted, plus a few (N, V) fp32 tensors
+per step (logits, probabilities, their cumsum) and the activations of one prefill batch.
 
-It does not: do beam search, repetition penalties, top-k, or stop on strings; page or share cache blocks
-across calls (nano-vllm's block table); batch across calls; or chunk long prefills.
+It does not: do beam search, repetition penalties, top-k, or stop on strings; keep a cache across calls
+(nano-vllm's block table and prefix cache); split large N or long prompts into chunks (memory grows
+with N * S: the caller bounds the batch).
 """
 from __future__ import annotations
 
@@ -89,7 +92,7 @@ class KVCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Make cache rows `rows` (in that order; repeats allowed) rows 0..len(rows)-1, in place.
-        Copies only the live slots; the rest of the buffer is garbage that stays masked."""
+        Copies only the live slots (through one temporary); slots beyond them are garbage, masked."""
         self.kv[:, :, : len(rows), :, : self.span] = self.kv[:, :, rows, :, : self.span]
 
 
@@ -206,8 +209,11 @@ def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_t
         N = len(rows)
         cache, logits = prefill_shared(model, uniq, N, max_new_tokens, min_shared)
         dev = cache.kv.device
-        g = torch.Generator(device=dev)
-        g.manual_seed(seed) if seed is not None else g.seed()
+        g = torch.Generator(device=dev)  # all randomness of the call; never the global RNG
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(seed)
         rows_t = torch.tensor(rows, device=dev)
         cache.select(rows_t)  # copy each unique prompt's rows to its samples
         logits = logits[rows_t]  # (N, V)

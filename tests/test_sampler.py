@@ -9,10 +9,16 @@ a full forward (no cache) at every step:
 - sampling is reproducible from the seed, and another seed gives other samples;
 - stops and finish reasons are right, and the returned log-probs are the log-softmax of the
   temperature-scaled full-forward logits at the sampled tokens; top-p samples only from the nucleus;
+- (slow) a policy sharded with FSDP2 over 2 processes samples exactly what the unsharded model samples;
 and on the real default model (slow): greedy output equals transformers' generate(do_sample=False).
 """
+import json
+import os
+import socket
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from conftest import ours_from_hf, tiny_hf_model
 from r3.sampler import _share_plan, generate, sample
@@ -168,3 +174,36 @@ def test_greedy_matches_transformers_generate_on_default_model(default_dir, defa
                           max_new_tokens=40, eos_token_id=stop, pad_token_id=stop)[0, len(p):].tolist()
         assert ours[i].ids == ref, f"prompt {i}: {default_tok.decode(ref)!r}" + _diff(ours[i].ids, ref)
         assert ours[i].finish_reason == ("stop" if ref[-1] == stop else "length")
+
+
+def _fsdp_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from r3 import dist
+
+    dist.init()
+    torch.set_num_threads(1)
+    model = ours_from_hf(tiny_hf_model("qwen2", tied=True, vocab=128))
+    kw = dict(n=2, max_new_tokens=12, temperature=0.8, seed=3, return_logprobs=True)
+    prompts = _prompts([4, 2, 40], seed=10)
+    want = generate(model, prompts, **kw)  # before sharding: the full model
+    dist.shard(model, mixed_bf16=False)
+    got = generate(model, prompts, **kw)
+    model(torch.tensor([prompts[0]])).sum().backward()  # still a trainable sharded model afterwards
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"want": [s.ids for s in want], "got": [s.ids for s in got],
+                   "lp_diff": max(abs(a - b) for s, t in zip(want, got) for a, b in zip(s.logprobs, t.logprobs)),
+                   "sharded": type(model.lm_head.weight).__name__}, f)
+    dist.shutdown()
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_policy_samples_like_the_unsharded_model(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["sharded"] == "DTensor", "the model was not sharded"
+        assert r["got"] == r["want"] and r["lp_diff"] < 1e-5, f"rank {rank}: {r}"

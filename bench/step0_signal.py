@@ -6,7 +6,7 @@ rollout on F failures (G reflections each, one retry after each) and report the 
 the retry success rate and the fraction of groups with non-zero reward variance (the groups that carry
 a gradient). train.py's default task was chosen with this script (bench/RESULTS.md).
 
-    python bench/signal.py --candidates "countdown_easy:;countdown_easy:n_numbers=2" --failures 16
+    python bench/step0_signal.py --candidates "countdown_easy:;countdown_easy:n_numbers=2" --failures 16
 """
 import argparse
 import json
