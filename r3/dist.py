@@ -77,7 +77,9 @@ def unsharded(model: torch.nn.Module):
     finally:
         for m in fsdp_modules:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)  # back to shard()'s policy
+            # Back to fully_shard's defaults: blocks reshard after forward; the root does not (its
+            # parameters, e.g. the LM head used right after the forward, stay gathered until backward).
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

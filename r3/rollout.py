@@ -3,7 +3,7 @@
 For each failure (example x, failed attempt y1), PAPER.md section 3:
     1. context   user(x) / assistant(y1) / user(reflection prompt)
     2. sample G reflections s_1..s_G (one prefill of the shared context, G samples: prefix sharing)
-    3. extend    ... / assistant(s_i) / user(x asked again), sample one retry y2_i each
+    3. extend    ... / assistant(s_i) / user(x asked again: the prompt's last turn), sample one retry y2_i each
     4. reward    r_i = task.verify(x, y2_i) in {0, 1}
 The training sequence of sample i is the conversation up to and including assistant(s_i); its
 reflection mask is 1 exactly on the span of that turn (content + end-of-turn token) as `render_chat`
@@ -71,7 +71,7 @@ def reflect_and_retry(model, tok, task, failures: list[dict], group_size: int, m
         f = failures[i // group_size]
         conv = contexts[i // group_size] + [{"role": "assistant", "content": refl}]
         convs.append(conv)
-        retry_prompts.append(render_prompt(tok, conv + task.prompt(f["example"])))
+        retry_prompts.append(render_prompt(tok, conv + task.prompt(f["example"])[-1:]))  # the question asked again
     retries = _texts(tok, generate(model, retry_prompts, n=1, max_new_tokens=max_retry_tokens,
                                    temperature=retry_temperature, top_p=top_p, stop_ids=stop, seed=seed + 1))
     rewards = [task.verify(failures[i // group_size]["example"], y2) for i, y2 in enumerate(retries)]

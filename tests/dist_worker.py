@@ -42,6 +42,8 @@ def main():
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     rows = slice(rank * N // world, (rank + 1) * N // world)
     batch = {"ids": ids[rows], "pos": torch.arange(T).expand(N, T)[rows], "mask": mask[rows], "advantages": adv[rows]}
+    with dist.unsharded(policy), torch.no_grad():  # as train.py: sample with gathered weights, then update
+        policy(batch["ids"][:1])
     out = update(policy, ref, batch, cfg, opt, world)
     if rank == 0:
         print(json.dumps(out), flush=True)

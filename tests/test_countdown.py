@@ -162,13 +162,21 @@ def test_generated_problems_are_solvable_by_their_own_solution():
 
 
 @pytest.mark.parametrize("name,sizes,max_number,max_target", [
-    ("countdown3", {3}, 99, 100), ("countdown4", {4}, 99, 100), ("countdown_easy", {3}, 20, 50),
+    ("countdown3", {3}, 99, 100), ("countdown4", {4}, 99, 100), ("countdown_easy", {2}, 20, 40),
 ])
 def test_presets_respect_their_difficulty(name, sizes, max_number, max_target):
     examples = get_task(name, num_examples=300).examples("train")
     assert {len(e["nums"]) for e in examples} == sizes
     assert max(n for e in examples for n in e["nums"]) <= max_number
     assert max(e["target"] for e in examples) <= max_target
+
+
+def test_generator_uses_only_the_allowed_operators():
+    examples = get_task("countdown_easy", num_examples=300).examples("train")
+    assert not any(set(e["solution"]) & set("*/") for e in examples)
+    assert any("-" in e["solution"] for e in examples) and any("+" in e["solution"] for e in examples)
+    with pytest.raises(TaskDataError, match="ops must be a non-empty subset"):
+        get_task("countdown", ops="+^")
 
 
 def test_options_override_presets():
@@ -198,8 +206,10 @@ def test_prompt_is_the_paper_question_with_an_optional_worked_example():
     assert plain == [{"role": "user", "content": "Using the numbers [1, 2, 3], create an equation that equals 6. "
                       "You can use basic arithmetic operations (+, -, *, /) and each number can only be used "
                       "once. Return only the equation."}]
-    shot = get_task("countdown").prompt(ex)[0]["content"]
-    assert shot.endswith(plain[0]["content"]) and "(9 + 4) * 3" in shot
+    shot = get_task("countdown").prompt(ex)
+    assert [m["role"] for m in shot] == ["user", "assistant", "user"] and shot[-1] == plain[0]
+    assert shot[1]["content"] == "(9 + 4) * 3" and shot[0]["content"].startswith("Using the numbers [4, 9, 3]")
+    assert get_task("countdown", ops="+").prompt(ex)[1]["content"] == "4 + 9 + 3"
     assert get_task("countdown").reflection_prompt == REFLECTION_PROMPT and "wrong answer" in REFLECTION_PROMPT
 
 

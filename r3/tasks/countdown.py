@@ -27,7 +27,9 @@ QUESTION = (
     "operations (+, -, *, /) and each number can only be used once. Return only the equation."
 )
 # The one worked example of the one-shot prompt; it is not drawn from the data, so it never leaks a test answer.
+# Presets whose generator uses only + and - get a plain sum as their example, to match their problems.
 ONESHOT = {"nums": [4, 9, 3], "target": 39, "solution": "(9 + 4) * 3"}
+ONESHOT_SUM = {"nums": [4, 9, 3], "target": 16, "solution": "4 + 9 + 3"}
 
 MAX_TEXT_CHARS = 20_000  # a no-CoT answer is a few dozen characters; longer text is rejected unread
 MAX_EQUATION_CHARS = 1_000  # the extracted candidate; bounds the cost of ast.parse before it runs
@@ -56,7 +58,8 @@ class Countdown:
     num_examples: int | None = 20_000  # pool size before the split (file: first N; None: all / 20,000)
     test_fraction: float = 0.1  # share of the pool held out as test, chosen by hash of the problem
     data_path: str | None = None  # JSONL/JSON/parquet rows with `target` and `nums`; None: generate
-    oneshot: bool = True  # put one worked example in the prompt (the paper's prompts were one-shot)
+    oneshot: bool = True  # one worked example as a user/assistant turn pair before the question (one-shot)
+    ops: str = "+-*/"  # operators the generator builds targets with (the verifier always accepts all four)
     reflection_prompt: ClassVar[str] = REFLECTION_PROMPT
     _pool: dict | None = field(default=None, init=False, repr=False)
 
@@ -64,6 +67,8 @@ class Countdown:
         if min(self._sizes()) < 2 or self.max_number < 1 or self.max_target < 1:
             raise TaskDataError(f"task {self.name!r}: n_numbers must be >= 2 and max_number, max_target >= 1; "
                                 f"got {self.n_numbers}, {self.max_number}, {self.max_target}")
+        if not self.ops or set(self.ops) - set("+-*/"):
+            raise TaskDataError(f"task {self.name!r}: ops must be a non-empty subset of '+-*/', got {self.ops!r}")
         if not 0 <= self.test_fraction < 1:
             raise TaskDataError(f"task {self.name!r}: test_fraction must be in [0, 1), got {self.test_fraction}")
 
@@ -79,12 +84,15 @@ class Countdown:
         return list(require_nonempty(self._pool[split], self.name, split, hint))
 
     def prompt(self, example: dict) -> list[dict]:
-        question = QUESTION.format(nums=list(example["nums"]), target=example["target"])
-        if self.oneshot:
-            shot = QUESTION.format(nums=ONESHOT["nums"], target=ONESHOT["target"])
-            question = (f"Here is an example problem and its answer.\nProblem: {shot}\nAnswer: "
-                        f"{ONESHOT['solution']}\n\nNow solve this problem.\nProblem: {question}")
-        return [{"role": "user", "content": question}]
+        """The question as the last user turn; with `oneshot`, one solved example as a user/assistant pair
+        before it (a chat-format example is what makes a small model answer with a bare equation). The
+        retry re-asks only the last turn."""
+        question = [{"role": "user", "content": QUESTION.format(nums=list(example["nums"]), target=example["target"])}]
+        if not self.oneshot:
+            return question
+        shot = ONESHOT if "*" in self.ops else ONESHOT_SUM
+        return [{"role": "user", "content": QUESTION.format(nums=shot["nums"], target=shot["target"])},
+                {"role": "assistant", "content": shot["solution"]}] + question
 
     def verify(self, example: dict, text: str) -> bool:
         return verify_equation(text, example["nums"], example["target"])
@@ -95,7 +103,8 @@ class Countdown:
     def _load(self) -> list[dict]:
         if self.data_path is not None:
             return load_problems(self.data_path, self._sizes(), self.num_examples)
-        return generate(self.num_examples or 20_000, self._sizes(), self.max_number, self.max_target, self.seed)
+        return generate(self.num_examples or 20_000, self._sizes(), self.max_number, self.max_target, self.seed,
+                        self.ops)
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -105,7 +114,7 @@ def problem_id(nums, target: int) -> str:
     return f"countdown-{sorted(nums)}-{target}".replace(" ", "")
 
 
-def generate(n: int, sizes: list[int], max_number: int, max_target: int, seed: int) -> list[dict]:
+def generate(n: int, sizes: list[int], max_number: int, max_target: int, seed: int, ops: str = "+-*/") -> list[dict]:
     """Up to `n` distinct solvable problems: random numbers, a random expression over all of them, and
     its value as the target when that is a positive integer <= max_target (the expression is `solution`)."""
     rng = random.Random(seed)
@@ -115,7 +124,7 @@ def generate(n: int, sizes: list[int], max_number: int, max_target: int, seed: i
     while len(problems) < n and misses < STALL:
         misses += 1
         nums = [rng.randint(1, max_number) for _ in range(rng.choice(sizes))]
-        text, value = random_expression(nums, rng)
+        text, value = random_expression(nums, rng, ops)
         if value is None or value.denominator != 1 or not 1 <= value <= max_target:
             continue
         pid = problem_id(nums, int(value))
@@ -126,7 +135,7 @@ def generate(n: int, sizes: list[int], max_number: int, max_target: int, seed: i
     return problems
 
 
-def random_expression(nums: list[int], rng: random.Random) -> tuple[str, Fraction | None]:
+def random_expression(nums: list[int], rng: random.Random, ops: str = "+-*/") -> tuple[str, Fraction | None]:
     """A random binary tree over a shuffled copy of `nums` with random + - * /; (text, exact value).
     The value is None after a division by zero or past MAX_MAGNITUDE. Inner nodes are parenthesised."""
     order = list(nums)
@@ -137,7 +146,7 @@ def random_expression(nums: list[int], rng: random.Random) -> tuple[str, Fractio
             return str(leaves[0]), Fraction(leaves[0])
         k = rng.randint(1, len(leaves) - 1)
         (lt, lv), (rt, rv) = build(leaves[:k]), build(leaves[k:])
-        op = rng.choice("+-*/")
+        op = rng.choice(ops)
         if lv is None or rv is None or (op == "/" and rv == 0):
             return "", None
         value = _OPS[op](lv, rv)
