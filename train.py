@@ -57,7 +57,7 @@ class TrainConfig:
     max_attempt_tokens: int = 32  # max new tokens of a first attempt / retry
     max_reflection_tokens: int = 64  # max new tokens of a reflection
     # optimisation
-    steps: int = 36  # training steps (a step whose groups all have zero reward variance takes no update)
+    steps: int = 28  # training steps (a step whose groups all have zero reward variance takes no update)
     lr: float = 1e-5  # AdamW peak learning rate (TRL's default then was 1e-6; 1e-5 moves a 135M model within the default run)
     warmup_steps: int = 4  # linear learning-rate warm-up
     weight_decay: float = 0.0  # AdamW weight decay

@@ -28,4 +28,4 @@ if [ ! -f "$VENV/.trl-$TRL_VERSION-installed" ] || [ pyproject.toml -nt "$VENV/.
     quiet $VPIP install -q "trl==$TRL_VERSION"
     touch "$VENV/.trl-$TRL_VERSION-installed"
 fi
-"$VENV/bin/python" -c "import torch, transformers, trl; print('trl', trl.__version__, '| transformers', transformers.__version__, '| torch', torch.__version__)"
+"$VENV/bin/python" -c "import torch, transformers, trl; print(f'trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}')"

@@ -25,6 +25,11 @@ failures are built first by a separate process with r3's code (first attempts of
     bash bench/setup_trl.sh                          # once: .venv-trl with trl 1.16.0
     python bench/trl_step.py [--failures=F.jsonl] [--steps=3] [--trl_python=.venv-trl/bin/python] [--json]
 
+NOTE: TRL's fused LM head (trl/kernels/chunked_logprob.py) scores only the completion positions on CUDA/XPU
+(Triton); on any other device, this CPU included, it projects every position of prompt + completion through
+the LM head and masks afterwards, for the policy and the reference alike. That is part of what its "update"
+time measures here; r3 selects the reflection positions before the LM head on every device.
+
 With --json the last line of stdout is one JSON object with the raw figures of both sides,
 `step_time_ratio` (TRL / r3) and `peak_rss_ratio` (r3 / TRL). The loss itself is cross-checked against TRL's
 in tests/test_trl_crosscheck.py. Sampling differs between the sides (different samplers and RNG streams),
@@ -78,6 +83,12 @@ def step_record(step_s: float, gen: list[tuple[str, float, int]], rewards: list[
     return rec
 
 
+def log_step(side: str, step: int, rec: dict) -> None:
+    print(f"[{side}] step {step}{' (warm-up)' if step == 0 else ''}: {rec['step_s']:.1f} s (generation "
+          f"{rec['generation_s']:.1f} s, update {rec['update_s']:.1f} s), reward {rec['reward']:.2f}",
+          file=sys.stderr, flush=True)
+
+
 def load_side(spec: dict):
     import torch
     from transformers import AutoTokenizer
@@ -107,7 +118,7 @@ def run_r3(spec: dict) -> dict:
     cfg = TrainConfig(**{k: spec[k] for k in TRAIN_FIELDS})
     policy = load_hf(model_dir, "cpu", torch.float32)
     ref = load_hf(model_dir, "cpu", torch.float32).requires_grad_(False) if cfg.beta > 0 else None
-    # Constant learning rate: TRL's side runs lr_scheduler_type="constant" (train.py warms up over 2 steps).
+    # Constant learning rate: TRL's side runs lr_scheduler_type="constant" (train.py warms up linearly).
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     gen = []  # (kind, seconds, new tokens) of each generate call: rollout calls it for reflections, then retries
@@ -116,7 +127,8 @@ def run_r3(spec: dict) -> dict:
     def timed_generate(*args, **kwargs):
         t = time.perf_counter()
         out = sampler_generate(*args, **kwargs)
-        gen.append(("reflection" if len(gen) % 2 == 0 else "retry", time.perf_counter() - t, sum(len(s.ids) for s in out)))
+        kind = "reflection" if len(gen) % 2 == 0 else "retry"
+        gen.append((kind, time.perf_counter() - t, sum(len(s.ids) for s in out)))
         return out
 
     r3.rollout.generate = timed_generate
@@ -134,9 +146,7 @@ def run_r3(spec: dict) -> dict:
         rec = step_record(time.perf_counter() - t0, gen, ro.rewards.tolist())
         rec.update(rollout_s=t_rollout, loss=stats["loss"], grad_norm=stats["grad_norm"])
         steps.append(rec)
-        print(f"[r3] step {step}{' (warm-up)' if step == 0 else ''}: {rec['step_s']:.1f} s "
-              f"(generation {rec['generation_s']:.1f} s, update {rec['update_s']:.1f} s), reward {rec['reward']:.2f}",
-              file=sys.stderr, flush=True)
+        log_step("r3", step, rec)
     return {"steps": steps, **summary(steps), "peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
@@ -179,8 +189,8 @@ def new_tokens(out, prompt_len: int, eos_ids: list[int]) -> int:
 
     gen = out[:, prompt_len:]
     is_eos = torch.isin(gen, torch.tensor(eos_ids))
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], gen.shape[1], dtype=torch.long))
-    return int(first.sum())
+    lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, gen.shape[1])
+    return int(lengths.sum())
 
 
 def run_trl(spec: dict) -> dict:
@@ -223,7 +233,8 @@ def run_trl(spec: dict) -> dict:
     def timed_generate(*args, **kwargs):
         t = time.perf_counter()
         out = hf_generate(*args, **kwargs)
-        gen.append((box["kind"], time.perf_counter() - t, new_tokens(out, kwargs["input_ids"].shape[1], trainer.eos_token_ids)))
+        n = new_tokens(out, kwargs["input_ids"].shape[1], trainer.eos_token_ids)
+        gen.append((box["kind"], time.perf_counter() - t, n))
         return out
 
     trainer.model.generate = timed_generate
@@ -237,10 +248,7 @@ def run_trl(spec: dict) -> dict:
 
         def on_step_end(self, args, state, control, **kwargs):
             steps.append(step_record(time.perf_counter() - self.t0, gen, rewards))
-            rec = steps[-1]
-            print(f"[trl] step {len(steps) - 1}{' (warm-up)' if len(steps) == 1 else ''}: {rec['step_s']:.1f} s "
-                  f"(generation {rec['generation_s']:.1f} s, update {rec['update_s']:.1f} s), reward {rec['reward']:.2f}",
-                  file=sys.stderr, flush=True)
+            log_step("trl", len(steps) - 1, steps[-1])
 
     trainer.add_callback(StepTimer())
     # TRL renders conversational prompts itself: check its token ids equal r3's rendering of the same contexts
@@ -313,6 +321,9 @@ def trl_interpreter(args) -> str:
 
 def select_failures(path: str, spec: dict) -> list[dict]:
     """The failures both sides use, in order: (steps + 1) x failures_per_step rows, the file cycled if short."""
+    if not Path(path).is_file():
+        sys.exit(f"error: failures file {path} not found (make one with `python sample.py failures --out=FILE`, "
+                 "or leave --failures out to build them here)")
     rows = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
@@ -339,7 +350,8 @@ def run_child(python: str, side: str, spec_path: Path, work: Path) -> dict:
     # The children's output goes to stderr: stdout stays the report (and the JSON line).
     proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=sys.stderr)
     if proc.returncode != 0 or not result.exists():
-        sys.exit(f"error: the {side} side failed (exit {proc.returncode}); its output is above. Command: {' '.join(cmd)}")
+        sys.exit(f"error: the {side} side failed (exit {proc.returncode}); its output is above. "
+                 f"Command: {' '.join(cmd)}")
     out = json.loads(result.read_text())
     out["process_s"] = round(time.time() - t, 1)
     return out

@@ -49,6 +49,7 @@ with N * S: the caller bounds the batch).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -193,11 +194,14 @@ def prefill_shared(model: Transformer, prompts: list[list[int]], batch: int, max
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256,
-             temperature: float = 1.0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
+             temperature: float = 1.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
              seed: int | None = None, return_logprobs: bool = False, min_shared: int = 32,
              compact_every: int = 8) -> list[Sample]:
-    """Sample n continuations of every prompt (see the module docstring); temperature 0 is greedy.
-    Returns len(prompts) * n Samples, prompt-major. `seed` None draws a fresh seed."""
+    """Sample n continuations of every prompt (see the module docstring); len(prompts) * n Samples,
+    prompt-major. temperature 0 is greedy (top_p then unused). A sample ends after the first of
+    `stop_ids` it samples, or after max_new_tokens. `seed` None draws a fresh seed. min_shared: the
+    shortest common prefix prefilled once for several prompts; compact_every: steps between drops of
+    finished rows. return_logprobs fills Sample.logprobs."""
     prompts = [[int(t) for t in p] for p in prompts]
     if not prompts or min(map(len, prompts)) == 0 or n < 1 or max_new_tokens < 1:
         raise ValueError("generate needs non-empty prompts, n >= 1 and max_new_tokens >= 1")
@@ -214,9 +218,10 @@ def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_t
             g.seed()
         else:
             g.manual_seed(seed)
-        rows_t = torch.tensor(rows, device=dev)
-        cache.select(rows_t)  # copy each unique prompt's rows to its samples
-        logits = logits[rows_t]  # (N, V)
+        if rows != list(range(N)):  # copy each unique prompt's rows to its samples
+            rows_t = torch.tensor(rows, device=dev)
+            cache.select(rows_t)
+            logits = logits[rows_t]  # (N, V)
         pos = torch.tensor([len(uniq[u]) for u in rows], device=dev)  # (N,) next position per row
         longest = max(map(len, uniq))
         stops = torch.tensor(list(stop_ids) or [-1], device=dev)

@@ -130,3 +130,19 @@ def test_torchrun_two_ranks_equal_one_process():
     for k in ("loss", "grad_norm", "kl", "clip_frac", "tokens"):
         assert abs(one[k] - two[k]) <= 1e-5, f"{k}: 1 process {one[k]!r} vs 2 ranks {two[k]!r}"
     assert one["clip_frac"] > 0  # the second pass really moved the ratio
+
+
+def test_all_zero_variance_batch_skips_the_update(tiny_dir, toy, tmp_path, monkeypatch):
+    """A step where every group has equal rewards takes no update, says so, and produces no NaN."""
+    monkeypatch.setattr(ParityTask, "verify", lambda self, ex, text: False)
+    train.main(_cfg(tiny_dir, toy, tmp_path / "run"))
+    rows = _metrics(tmp_path / "run")
+    assert all(r["skipped"] and r["loss"] == 0.0 and r["zero_variance_frac"] == 1.0 for r in rows)
+    start, final = train_load(tiny_dir), train_load(tmp_path / "run" / "final")
+    assert all(torch.equal(start[k], final[k]) for k in start)
+
+
+def train_load(path):
+    from r3.checkpoint import load_hf
+
+    return load_hf(path).state_dict()

@@ -44,7 +44,7 @@ REWARDS = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0]  # two groups of G, neither o
 FAILURES = [({"q": "Say something, 0."}, "Something."),
             ({"q": "Name three prime numbers and explain briefly why each one is prime."}, "4, 6 and 8 are prime.")]
 REFLECTIONS = ["I said one word; the length was odd.", "", "Be longer next time, and check the parity of the length.",
-               "Odd.", "4, 6 and 8 are even, so none of them is prime. Use 2, 3, 5: divisible only by 1 and themselves.",
+               "Odd.", "4, 6 and 8 are even, so none is prime. Use 2, 3, 5: divisible only by 1 and themselves.",
                "Primes!", "List 2, 3 and 5.", "I should have checked each number for divisors other than 1 and itself."]
 
 
@@ -160,7 +160,8 @@ def test_loss_and_grads_match_trl_compute_loss(batch, tiny_dir, tmp_path, case, 
     full_ids, full_mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
     with torch.no_grad():
         ref_trl, _, _ = trainer._get_per_token_logps_and_entropies(trainer.ref_model, full_ids, full_mask, C)
-    assert torch.allclose(ref_trl * completion_mask, to_completion(ref_r3, mask, C), atol=1e-4), "reference log-probs differ"
+    diff = (ref_trl * completion_mask - to_completion(ref_r3, mask, C)).abs().max()
+    assert diff < 1e-4, f"reference log-probs differ by {diff:.3g}"
     inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
               "completion_mask": completion_mask, "advantages": adv, "ref_per_token_logps": ref_trl,
               "num_items_in_batch": completion_mask.sum()}
