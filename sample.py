@@ -57,24 +57,21 @@ class SampleError(Exception):
 # ----------------------------------------------------------------------------- JSONL files
 
 def read_jsonl(path: str | Path, allow_truncated_tail: bool = False) -> list[dict]:
-    """Rows of a JSONL file; a malformed line raises SampleError naming the file and line. With
-    `allow_truncated_tail`, an unterminated last line (a write cut by a crash) is dropped instead."""
+    """Rows of a JSONL file (r3.tasks' reader: a malformed line names the file and line). With
+    `allow_truncated_tail`, an unterminated last line (a write cut by a crash) is dropped first."""
+    from r3.tasks import TaskDataError
+    from r3.tasks import read_jsonl as read_lines
+
     path = Path(path)
     if not path.is_file():
         raise SampleError(f"{path}: file not found")
     text = path.read_text()
-    lines = text.split("\n")
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if allow_truncated_tail and n == len(lines) and not text.endswith("\n"):
-                break
-            raise SampleError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
-    return rows
+    if allow_truncated_tail and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    try:
+        return read_lines(path, text)
+    except TaskDataError as e:
+        raise SampleError(str(e)) from None
 
 
 def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
