@@ -105,16 +105,16 @@ def update(policy, ref, batch: dict, cfg: TrainConfig, opt, world: int) -> dict:
         T = int(mask[s].nonzero()[:, 1].max()) + 1 if mask[s].any() else 1
         return ids[s, :T], pos[s, :T], mask[s, :T]
 
-    # 5. log-probs that do not change during the update: old policy (for the ratio) and reference (KL)
+    micro = [trimmed(s) for s in chunks]
+    # 6a. log-probs that do not change during the update: old policy (for the ratio) and reference (KL)
     with torch.no_grad():
-        old = [sequence_logprobs(policy, *trimmed(s), cfg.temperature) if cfg.ppo_epochs > 1 else None for s in chunks]
-        refs = [sequence_logprobs(ref, *trimmed(s), cfg.temperature) if ref is not None else None for s in chunks]
+        old = [sequence_logprobs(policy, *mb, cfg.temperature) if cfg.ppo_epochs > 1 else None for mb in micro]
+        refs = [sequence_logprobs(ref, *mb, cfg.temperature) if ref is not None else None for mb in micro]
     num_tokens = float(dist.all_reduce_sum(mask.sum().float().clone()))  # reflection tokens, all ranks
-    # 6. loss over micro-batches, gradients accumulated; x world because FSDP averages gradients over ranks
+    # 6b. loss over micro-batches, gradients accumulated; x world because FSDP averages gradients over ranks
     sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
     for epoch in range(cfg.ppo_epochs):
-        for s, o, r in zip(chunks, old, refs):
-            i, p, m = trimmed(s)
+        for s, (i, p, m), o, r in zip(chunks, micro, old, refs):
             logp = sequence_logprobs(policy, i, p, m, cfg.temperature)
             loss, st = grpo_loss(logp, o if o is not None else logp.detach(), r, adv[s], m, cfg.beta, cfg.clip_eps,
                                  num_tokens)
@@ -123,7 +123,7 @@ def update(policy, ref, batch: dict, cfg: TrainConfig, opt, world: int) -> dict:
                 sums["loss"] += float(loss.detach())
                 sums["kl"] += st["kl"]
                 sums["clipped"] += st["clipped"]
-        # 7. clip the global gradient norm and step
+        # 6c. clip the global gradient norm and step
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         opt.step()
@@ -395,8 +395,7 @@ def main(cfg: TrainConfig) -> None:
     # 10. export the final policy as an HF directory (full state dict gathered to rank 0)
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        final = save_hf(policy, out / "final", tokenizer_dir=model_dir, state_dict=full)
-        plot_metrics(metrics_file, out / "metrics.png")
+        final = save_hf(policy, out / "final", tokenizer_dir=model_dir, state_dict=full)  # plot: step 9 drew it
         print(f"done in {time.time() - t_start:.0f} s\n  metrics:     {metrics_file}\n  plot:        {out / 'metrics.png'}\n"
               f"  checkpoints: {out / 'checkpoints'}\n  final model: {final}", flush=True)
     dist.barrier()
