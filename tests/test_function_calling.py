@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from r3.tasks import TaskDataError, get_task
 from r3.tasks.bfcl import CATEGORIES, check_calls, standardize
-from r3.tasks.function_calling import REFLECTION_PROMPT, XLAM, parse_calls
+from r3.tasks.function_calling import (ONESHOT_QUESTION, ONESHOT_TOOLS, REFLECTION_PROMPT, XLAM, parse_calls,
+                                       tool_messages, tool_prompt)
 
 FAST = 0.05  # seconds: every verify call, whatever the text
 
@@ -92,7 +93,7 @@ def test_xlam_loads_json_list_and_jsonl_alike(tmp_path):
     assert len(train) + len(test) == 40 and {e["query"] for e in train}.isdisjoint(e["query"] for e in test)
     assert train[0]["tools"] == TOOLS and json.loads(json.dumps(train[0])) == train[0]
     assert a.verify(train[0], f"[{T}, {W}]")
-    content = a.prompt(train[0])[0]["content"]
+    content = a.prompt(train[0])[-1]["content"]
     assert train[0]["query"] in content and json.dumps(TOOLS[0]) in content and '"arguments"' in content
     assert a.reflection_prompt == REFLECTION_PROMPT and "tool call" in REFLECTION_PROMPT
 
@@ -151,7 +152,8 @@ def test_bfcl_splits_keep_the_v1_group_together():
 @needs_bfcl
 def test_bfcl_prompt_folds_system_turns_into_one_user_message():
     example = next(e for e in get_task("bfcl").examples("train") if e["question"][0]["role"] == "system")
-    (message,) = get_task("bfcl").prompt(example)
+    (message,) = get_task("bfcl", oneshot=False).prompt(example)
+    assert get_task("bfcl").prompt(example)[-1] == message
     assert message["role"] == "user" and message["content"].startswith(example["question"][0]["content"])
     assert example["question"][-1]["content"] in message["content"]
 
@@ -298,3 +300,12 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 def test_random_text_never_raises_and_is_fast(verifiers, text):
     for verify, example in verifiers:
         assert timed(verify, example, text) in (True, False)
+
+
+def test_function_calling_oneshot_is_a_correct_call_shown_before_the_question():
+    shot_q, shot_a, question = tool_messages("Q?", oneshot=True)
+    assert [m["role"] for m in (shot_q, shot_a, question)] == ["user", "assistant", "user"]
+    assert question == {"role": "user", "content": "Q?"} and tool_messages("Q?", oneshot=False) == [question]
+    assert shot_q["content"] == tool_prompt(ONESHOT_TOOLS, ONESHOT_QUESTION)
+    expected = [{"get_weather": {"city": ["Paris"], "unit": ["celsius"]}}]  # BFCL's possible-answer form
+    assert check_calls(parse_calls(shot_a["content"]), ONESHOT_TOOLS, expected)

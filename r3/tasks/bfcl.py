@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from r3.tasks import TaskDataError, read_jsonl, require_nonempty
-from r3.tasks.function_calling import REFLECTION_PROMPT, parse_calls, tool_prompt
+from r3.tasks.function_calling import REFLECTION_PROMPT, parse_calls, tool_messages, tool_prompt
 
 CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple")
 SPLITS = {
@@ -52,6 +52,7 @@ class BFCL:
     name: str = "bfcl"
     data_path: str | None = None  # folder with BFCL_v4_<category>.json and possible_answer/; None: bfcl_eval's
     num_examples: int | None = None  # use only the first N examples of a split (None: all)
+    oneshot: bool = True  # function_calling's solved example as a user/assistant pair before the question
     reflection_prompt: ClassVar[str] = REFLECTION_PROMPT
     _cache: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -68,12 +69,12 @@ class BFCL:
         return require_nonempty(examples, self.name, split, f"check the files of {categories}")
 
     def prompt(self, example: dict) -> list[dict]:
-        # One user message, so that the retry can re-ask exactly it; BFCL's system turns (a few live
-        # examples have one) become the opening lines of that message.
+        # The question is one user message, so that the retry can re-ask exactly it; BFCL's system turns
+        # (a few live examples have one) become its opening lines.
         system = [m["content"] for m in example["question"] if m["role"] == "system"]
         question = "\n".join(m["content"] for m in example["question"] if m["role"] != "system")
         text = tool_prompt(example["functions"], question)
-        return [{"role": "user", "content": "\n".join(system + [text]) if system else text}]
+        return tool_messages("\n".join(system + [text]) if system else text, self.oneshot)
 
     def verify(self, example: dict, text: str) -> bool:
         calls = parse_calls(text)

@@ -1,7 +1,8 @@
 """Function calling in the APIGen / xLAM format: answer a query with a JSON list of tool calls (PAPER.md 6).
 
 Records are `{query, tools, answers}`; `tools` and `answers` may be JSON strings (as in xLAM-60k) or
-lists. The model sees the tools as JSON and must answer `[{"name": ..., "arguments": {...}}, ...]`.
+lists. The model sees the tools as JSON (after one solved example, `oneshot`) and must answer
+`[{"name": ..., "arguments": {...}}, ...]`.
 The verifier compares the calls with the answers as an unordered multiset, values exactly equal after
 JSON parsing. This module also holds what bfcl.py shares: reading calls out of model text, and the prompt.
 
@@ -26,6 +27,20 @@ ANSWER_FORMAT = (
     '[{"name": "tool_name", "arguments": {"argument_name": "value"}}]'
 )
 
+# The one-shot example: a question over two made-up tools answered with one call, shown as a user/assistant
+# turn pair before the real question. Without it SmolLM2-135M-Instruct echoes the tool docs instead of
+# calling them (0 of 200 on BFCL simple_python; bench/RESULTS.md).
+ONESHOT_TOOLS = [
+    {"name": "get_weather", "description": "Current weather in a city.", "parameters": {"type": "dict", "properties": {
+        "city": {"type": "string", "description": "The city's name."},
+        "unit": {"type": "string", "description": "celsius or fahrenheit."}}, "required": ["city"]}},
+    {"name": "convert_currency", "description": "Convert an amount of money.", "parameters": {"type": "dict", "properties": {
+        "amount": {"type": "float", "description": "The amount."},
+        "to": {"type": "string", "description": "Target currency code."}}, "required": ["amount", "to"]}},
+]
+ONESHOT_QUESTION = "What is the weather in Paris in celsius?"
+ONESHOT_ANSWER = '[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]'
+
 MAX_TEXT_CHARS = 20_000  # longer answers are rejected unread (BFCL's longest answer is ~1.3k chars)
 MAX_STARTS = 32  # how many top-level "[" / "{" positions parse_calls tries before giving up
 _FENCE = re.compile(r"```[A-Za-z]*")
@@ -38,6 +53,7 @@ class XLAM:
     data_path: str | None = None  # xLAM/APIGen records: a JSON list, JSON lines, or parquet (required)
     test_fraction: float = 0.2  # held out by hash of the query (the paper held out 12k of 60k)
     num_examples: int | None = None  # use only the first N records (None: all)
+    oneshot: bool = True  # one solved example (ONESHOT_*) as a user/assistant turn pair before the question
     reflection_prompt: ClassVar[str] = REFLECTION_PROMPT
     _pool: dict | None = field(default=None, init=False, repr=False)
 
@@ -55,7 +71,7 @@ class XLAM:
         return list(require_nonempty(self._pool[split], self.name, split, hint))
 
     def prompt(self, example: dict) -> list[dict]:
-        return [{"role": "user", "content": tool_prompt(example["tools"], example["query"])}]
+        return tool_messages(tool_prompt(example["tools"], example["query"]), self.oneshot)
 
     def verify(self, example: dict, text: str) -> bool:
         calls = parse_calls(text)
@@ -88,6 +104,16 @@ def tool_prompt(tools: list, question: str) -> str:
     """The first-attempt prompt: the tools as JSON (one per line), the question, the answer format."""
     tool_lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
     return f"You have access to the following tools:\n{tool_lines}\n\nQuestion: {question}\n\n{ANSWER_FORMAT}"
+
+
+def tool_messages(content: str, oneshot: bool) -> list[dict]:
+    """The question's user turn `content` (tool_prompt's text) as the last message, which the retry
+    re-asks alone; with `oneshot`, the solved example before it as a user/assistant pair."""
+    question = [{"role": "user", "content": content}]
+    if not oneshot:
+        return question
+    return [{"role": "user", "content": tool_prompt(ONESHOT_TOOLS, ONESHOT_QUESTION)},
+            {"role": "assistant", "content": ONESHOT_ANSWER}] + question
 
 
 # --- reading calls out of model text ----------------------------------------------------------------
