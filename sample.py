@@ -111,8 +111,11 @@ def failures(cfg: SampleConfig) -> None:
     out, partial = Path(cfg.out), Path(cfg.out + ".partial")
     done = read_jsonl(partial, allow_truncated_tail=True) if partial.exists() else []
     done = [d for d in done if d.get("config") == _fingerprint(cfg)]  # a partial file of other settings is ignored
+    # Rewrite what is kept, so that a line cut short by a kill (dropped above) or rows of other settings
+    # are gone before the next row is appended.
+    write_jsonl_atomic(partial, done)
     chunks = range(0, len(examples), cfg.chunk)
-    with open(partial, "a" if done else "w") as f, torch.no_grad():
+    with open(partial, "a") as f, torch.no_grad():
         for c in tqdm(chunks, initial=len(done), total=len(chunks), desc="first attempts", unit="chunk"):
             if c // cfg.chunk < len(done):
                 continue

@@ -61,6 +61,32 @@ def test_failures_resume_after_interruption(tiny_dir, toy, tmp_path, monkeypatch
     assert (tmp_path / "resumed.jsonl").read_text() == (tmp_path / "straight.jsonl").read_text()
 
 
+def test_failures_resume_twice_after_a_kill_mid_write(tiny_dir, toy, tmp_path, monkeypatch):
+    """A kill during a write leaves an unterminated last line; resuming drops it and must not append the next
+    row onto it, or the run after a second interruption finds a malformed line mid-file."""
+    sample.failures(_cfg(tiny_dir, tmp_path / "straight.jsonl"))
+    real, calls = r3.rollout.collect_failures, []
+
+    def dies_on_chunks_2_and_4(*a, **k):
+        calls.append(1)
+        if len(calls) in (2, 4):
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(r3.rollout, "collect_failures", dies_on_chunks_2_and_4)
+    out, partial = tmp_path / "resumed.jsonl", tmp_path / "resumed.jsonl.partial"
+    with pytest.raises(KeyboardInterrupt):
+        sample.failures(_cfg(tiny_dir, out))
+    with open(partial, "a") as f:
+        f.write('{"config": {"mod')  # the kill cut the second chunk's row short
+    with pytest.raises(KeyboardInterrupt):
+        sample.failures(_cfg(tiny_dir, out))  # resumes at chunk 2, dies on chunk 3
+    assert len(sample.read_jsonl(partial)) == 2
+    monkeypatch.setattr(r3.rollout, "collect_failures", real)
+    sample.failures(_cfg(tiny_dir, out))
+    assert out.read_text() == (tmp_path / "straight.jsonl").read_text()
+
+
 def test_eval_end_to_end(tiny_dir, toy, tmp_path):
     result = sample.evaluate(_cfg(tiny_dir, tmp_path / "eval.json", greedy=False, temperature=1.0))
     saved = json.loads((tmp_path / "eval.json").read_text())
