@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from r3.tasks import TaskDataError, get_task
 from r3.tasks.bfcl import CATEGORIES, check_calls, standardize
 from r3.tasks.function_calling import (ONESHOT_QUESTION, ONESHOT_TOOLS, REFLECTION_PROMPT, XLAM, parse_calls,
-                                       tool_messages, tool_prompt)
+                                       tool_prompt)
 
 FAST = 0.05  # seconds: every verify call, whatever the text
 
@@ -303,9 +303,11 @@ def test_random_text_never_raises_and_is_fast(verifiers, text):
 
 
 def test_function_calling_oneshot_is_a_correct_call_shown_before_the_question():
-    shot_q, shot_a, question = tool_messages("Q?", oneshot=True)
+    example = {"tools": TOOLS, "query": "Q?"}
+    shot_q, shot_a, question = XLAM().prompt(example)
     assert [m["role"] for m in (shot_q, shot_a, question)] == ["user", "assistant", "user"]
-    assert question == {"role": "user", "content": "Q?"} and tool_messages("Q?", oneshot=False) == [question]
+    assert question == {"role": "user", "content": tool_prompt(TOOLS, "Q?")}
+    assert XLAM(oneshot=False).prompt(example) == [question]
     assert shot_q["content"] == tool_prompt(ONESHOT_TOOLS, ONESHOT_QUESTION)
     expected = [{"get_weather": {"city": ["Paris"], "unit": ["celsius"]}}]  # BFCL's possible-answer form
     assert check_calls(parse_calls(shot_a["content"]), ONESHOT_TOOLS, expected)

@@ -6,7 +6,8 @@ A task is what the training and sampling scripts need to know about a problem se
     reflection_prompt: str                      the paper's reflection request for this task (PAPER.md 5)
     examples(split) -> list[dict]               "train" / "test" (bfcl also takes a category name); each a
                                                 JSON-serialisable dict (they go into failures JSONL and back)
-    prompt(example) -> list[dict]               chat messages of the first attempt; the retry re-asks them
+    prompt(example) -> list[dict]               chat messages of the first attempt, the question last (the
+                                                retry re-asks only that turn; `question_turns` builds them)
     verify(example, text) -> bool               the binary reward; never raises, whatever the text
 
 `get_task(name, **options)` builds one. Tasks load their data lazily, on the first `examples()` call.
@@ -65,6 +66,15 @@ def get_task(name: str, **options) -> Task:
     if unknown:
         raise TaskDataError(f"unknown option(s) {unknown} for task {name!r}; valid options: {allowed}")
     return cls(name=name, **{**preset, **options})
+
+
+def question_turns(question: str, solved: tuple[str, str] | None = None) -> list[dict]:
+    """A task's prompt messages: the question as the last user turn, which the retry re-asks alone; with
+    `solved` = (question, answer), that worked example before it as a user/assistant pair (one-shot)."""
+    turns = [{"role": "user", "content": question}]
+    if solved is None:
+        return turns
+    return [{"role": "user", "content": solved[0]}, {"role": "assistant", "content": solved[1]}] + turns
 
 
 def read_rows(path) -> list[dict]:

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from r3.tasks import TaskDataError, read_jsonl, require_nonempty
-from r3.tasks.function_calling import REFLECTION_PROMPT, parse_calls, tool_messages, tool_prompt
+from r3.tasks import TaskDataError, question_turns, read_jsonl, require_nonempty
+from r3.tasks.function_calling import REFLECTION_PROMPT, SOLVED, parse_calls, tool_prompt
 
 CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple")
 SPLITS = {
@@ -74,7 +74,7 @@ class BFCL:
         system = [m["content"] for m in example["question"] if m["role"] == "system"]
         question = "\n".join(m["content"] for m in example["question"] if m["role"] != "system")
         text = tool_prompt(example["functions"], question)
-        return tool_messages("\n".join(system + [text]) if system else text, self.oneshot)
+        return question_turns("\n".join(system + [text]) if system else text, SOLVED if self.oneshot else None)
 
     def verify(self, example: dict, text: str) -> bool:
         calls = parse_calls(text)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import ClassVar
 
-from r3.tasks import TaskDataError, read_rows, require_nonempty, split_of
+from r3.tasks import TaskDataError, question_turns, read_rows, require_nonempty, split_of
 
 REFLECTION_PROMPT = (
     "You tried solving the problem and got the wrong answer. Reflect on what went wrong and write a short "
@@ -87,12 +87,10 @@ class Countdown:
         """The question as the last user turn; with `oneshot`, one solved example as a user/assistant pair
         before it (a chat-format example is what makes a small model answer with a bare equation). The
         retry re-asks only the last turn."""
-        question = [{"role": "user", "content": QUESTION.format(nums=list(example["nums"]), target=example["target"])}]
-        if not self.oneshot:
-            return question
         shot = ONESHOT if "*" in self.ops else ONESHOT_SUM
-        return [{"role": "user", "content": QUESTION.format(nums=shot["nums"], target=shot["target"])},
-                {"role": "assistant", "content": shot["solution"]}] + question
+        solved = (QUESTION.format(nums=shot["nums"], target=shot["target"]), shot["solution"])
+        return question_turns(QUESTION.format(nums=list(example["nums"]), target=example["target"]),
+                              solved if self.oneshot else None)
 
     def verify(self, example: dict, text: str) -> bool:
         return verify_equation(text, example["nums"], example["target"])

@@ -16,7 +16,7 @@ from itertools import islice
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from r3.tasks import TaskDataError, read_rows, require_nonempty, split_of
+from r3.tasks import TaskDataError, question_turns, read_rows, require_nonempty, split_of
 
 REFLECTION_PROMPT = (
     "You tried performing the task, but failed in generating the correct tool call. Reflect on what went "
@@ -31,12 +31,14 @@ ANSWER_FORMAT = (
 # turn pair before the real question. Without it SmolLM2-135M-Instruct echoes the tool docs instead of
 # calling them (0 of 200 on BFCL simple_python; bench/RESULTS.md).
 ONESHOT_TOOLS = [
-    {"name": "get_weather", "description": "Current weather in a city.", "parameters": {"type": "dict", "properties": {
-        "city": {"type": "string", "description": "The city's name."},
-        "unit": {"type": "string", "description": "celsius or fahrenheit."}}, "required": ["city"]}},
-    {"name": "convert_currency", "description": "Convert an amount of money.", "parameters": {"type": "dict", "properties": {
-        "amount": {"type": "float", "description": "The amount."},
-        "to": {"type": "string", "description": "Target currency code."}}, "required": ["amount", "to"]}},
+    {"name": "get_weather", "description": "Current weather in a city.",
+     "parameters": {"type": "dict", "properties": {
+         "city": {"type": "string", "description": "The city's name."},
+         "unit": {"type": "string", "description": "celsius or fahrenheit."}}, "required": ["city"]}},
+    {"name": "convert_currency", "description": "Convert an amount of money.",
+     "parameters": {"type": "dict", "properties": {
+         "amount": {"type": "float", "description": "The amount."},
+         "to": {"type": "string", "description": "Target currency code."}}, "required": ["amount", "to"]}},
 ]
 ONESHOT_QUESTION = "What is the weather in Paris in celsius?"
 ONESHOT_ANSWER = '[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]'
@@ -71,7 +73,7 @@ class XLAM:
         return list(require_nonempty(self._pool[split], self.name, split, hint))
 
     def prompt(self, example: dict) -> list[dict]:
-        return tool_messages(tool_prompt(example["tools"], example["query"]), self.oneshot)
+        return question_turns(tool_prompt(example["tools"], example["query"]), SOLVED if self.oneshot else None)
 
     def verify(self, example: dict, text: str) -> bool:
         calls = parse_calls(text)
@@ -106,14 +108,7 @@ def tool_prompt(tools: list, question: str) -> str:
     return f"You have access to the following tools:\n{tool_lines}\n\nQuestion: {question}\n\n{ANSWER_FORMAT}"
 
 
-def tool_messages(content: str, oneshot: bool) -> list[dict]:
-    """The question's user turn `content` (tool_prompt's text) as the last message, which the retry
-    re-asks alone; with `oneshot`, the solved example before it as a user/assistant pair."""
-    question = [{"role": "user", "content": content}]
-    if not oneshot:
-        return question
-    return [{"role": "user", "content": tool_prompt(ONESHOT_TOOLS, ONESHOT_QUESTION)},
-            {"role": "assistant", "content": ONESHOT_ANSWER}] + question
+SOLVED = (tool_prompt(ONESHOT_TOOLS, ONESHOT_QUESTION), ONESHOT_ANSWER)  # the one-shot pair for question_turns
 
 
 # --- reading calls out of model text ----------------------------------------------------------------
