@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Run as a script, this folder is sys.path[0]; import r3, train and sample from the repository root instead.
 sys.path[0] = str(ROOT)
 
+from sample import SampleError, read_jsonl, write_jsonl_atomic  # noqa: E402
 from train import TrainConfig  # noqa: E402  (dataclass only: the training defaults are the benchmark's)
 
 D = TrainConfig()
@@ -89,7 +90,7 @@ def log_step(side: str, step: int, rec: dict) -> None:
           file=sys.stderr, flush=True)
 
 
-def load_side(spec: dict):
+def load_side(spec: dict, with_failures: bool = True):
     import torch
     from transformers import AutoTokenizer
 
@@ -100,7 +101,7 @@ def load_side(spec: dict):
         torch.set_num_threads(spec["threads"])
     model_dir = resolve_model(spec["model"])
     task = task_from_flags(spec["task"], spec["task_data"], spec["task_options"])
-    failures = [json.loads(line) for line in Path(spec["failures_path"]).read_text().splitlines() if line.strip()]
+    failures = read_jsonl(spec["failures_path"]) if with_failures else []
     return model_dir, AutoTokenizer.from_pretrained(model_dir), task, failures
 
 
@@ -269,13 +270,13 @@ def build_failures(spec: dict) -> dict:
     from r3.checkpoint import load_hf
     from r3.rollout import collect_failures
 
-    model_dir, tok, task, _ = load_side(spec | {"failures_path": os.devnull})
+    model_dir, tok, task, _ = load_side(spec, with_failures=False)
     model = load_hf(model_dir, "cpu", torch.float32)
     need = (spec["steps"] + 1) * spec["failures_per_step"]
     with torch.no_grad():
         fails, ok = collect_failures(model, tok, task, task.examples("train")[: need + 8], 4, 1,
                                      spec["max_attempt_tokens"], spec["temperature"], spec["top_p"], spec["seed"])
-    Path(spec["failures_path"]).write_text("".join(json.dumps(f) + "\n" for f in fails))
+    write_jsonl_atomic(spec["failures_path"], fails)
     return {"failures": len(fails), "successes": ok}
 
 
@@ -324,18 +325,15 @@ def select_failures(path: str, spec: dict) -> list[dict]:
     if not Path(path).is_file():
         sys.exit(f"error: failures file {path} not found (make one with `python sample.py failures --out=FILE`, "
                  "or leave --failures out to build them here)")
-    rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                sys.exit(f"error: {path}:{n}: malformed JSON line ({e.msg})")
-            if not isinstance(row, dict) or "example" not in row or "attempt" not in row:
-                sys.exit(f"error: {path}:{n}: expected a row {{task, example, attempt}} from `sample.py failures`")
-            if row.get("task", spec["task"]) != spec["task"]:
-                sys.exit(f"error: {path}:{n}: a failure of task {row['task']!r}, but --task={spec['task']}")
-            rows.append(row)
+    try:
+        rows = read_jsonl(path)  # a malformed line or a non-object names the file and line
+    except SampleError as e:
+        sys.exit(f"error: {e}")
+    for n, row in enumerate(rows, 1):
+        if "example" not in row or "attempt" not in row:
+            sys.exit(f"error: {path}: failure {n}: expected a row {{task, example, attempt}} from `sample.py failures`")
+        if row.get("task", spec["task"]) != spec["task"]:
+            sys.exit(f"error: {path}: failure {n}: a failure of task {row['task']!r}, but --task={spec['task']}")
     if not rows:
         sys.exit(f"error: {path} holds no failures")
     need = (spec["steps"] + 1) * spec["failures_per_step"]
@@ -406,7 +404,7 @@ def main(argv=None) -> None:
             print(f"  {built['failures']} failures ({built['successes']} successful attempts) in "
                   f"{built['process_s']} s", file=sys.stderr, flush=True)
         rows = select_failures(args.failures or spec["failures_path"], spec)
-        Path(spec["failures_path"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl_atomic(spec["failures_path"], rows)
         pythons = {"r3": sys.executable, "trl": trl_interpreter(args) if args.only != "r3" else ""}
         res = {side: run_child(pythons[side], side, spec_path, work) for side in SIDES if args.only in (None, side)}
     out = report(res, spec | {"work_dir": None, "failures_path": args.failures or None})
