@@ -163,7 +163,7 @@ def test_greedy_matches_transformers_generate_on_default_model(default_dir, defa
 
     questions = ["What is the capital of France?", "Write a haiku about the sea.",
                  "Explain recursion in one paragraph.", "List three prime numbers and say why they are prime.",
-                 "Translate 'good morning' into Spanish and German."]
+                 "How many legs does a spider have?", "Translate 'good morning' into Spanish and German."]
     prompts = [render_prompt(default_tok, [{"role": "user", "content": q}]) for q in questions]
     stop = end_of_turn_id(default_tok)
     ours = generate(load_hf(default_dir, "cpu", torch.float32), prompts, max_new_tokens=40, temperature=0,
