@@ -12,7 +12,8 @@ and samples) and every prompt decoded and compared with the tokenizer's own chat
   sampler reported for them (1e-4) at the sampling temperature;
 - what each method's mask covers: "r3" the reflection + its end-of-turn; "r3_retry" also the retry + its
   end-of-turn, never the re-asked question or a role header; `grpo_rollout` the first attempt + its
-  end-of-turn; never padding; rows of one group share every token before their first masked one.
+  end-of-turn; never padding; rows of one group share every token before their first masked one;
+- the evaluation's `two_tries` still renders its retry prompt from the decoded reflection (unchanged).
 """
 import pytest
 import torch
@@ -204,7 +205,8 @@ def test_r3_retry_mask_covers_the_reflection_and_the_retry_not_the_question(mode
         between = ro.ids[i, len(context) + len(sampled(s)) + 1:len(p)]
         assert not ro.mask[i, len(context) + len(sampled(s)) + 1:len(p)].any()
         question = FAILURES[i // G]["example"]["q"]
-        assert tok.decode(between) == f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        reask = f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        assert between.tolist() == tok.encode(reask, add_special_tokens=False), tok.decode(between)
         lengths.append(len(row))
     check_padding(ro, lengths, eot)
     check_groups_share_prefix(ro, G)
@@ -232,6 +234,24 @@ def test_grpo_mask_covers_the_first_attempts_only(model, default_tok, calls):
         lengths.append(len(row))
     check_padding(ro, lengths, eot)
     check_groups_share_prefix(ro, G)
+
+
+def test_two_tries_renders_the_retry_prompt_from_the_reflection_text(model, default_tok, calls):
+    """The evaluation (sample.py eval) keeps its text-level retry prompt, so its numbers stay comparable."""
+    class Unsolvable(EvenTask):  # every try fails, so every example gets a reflection and a retry
+        def verify(self, ex, text):
+            return False
+
+    tok, task = default_tok, Unsolvable()
+    rows = r3.rollout.two_tries(model, tok, task, [f["example"] for f in FAILURES], 6, 8, 0.0)
+    first, refl, retry = calls
+    for f, p, s, r in zip(FAILURES, retry["prompts"], refl["samples"], rows):
+        said = {"role": "assistant", "content": tok.decode(s.ids, skip_special_tokens=True)}
+        conv = task.prompt(f["example"]) + [{"role": "assistant", "content": r["attempt"]},
+                                           {"role": "user", "content": task.reflection_prompt}, said]
+        reasked = {"role": "user", "content": f["example"]["q"]}
+        assert p == tok.encode(template(tok, conv + [reasked]), add_special_tokens=False)
+        assert r["reflection"] == said["content"]
 
 
 def test_unknown_method_is_refused(model, default_tok):
