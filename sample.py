@@ -181,11 +181,11 @@ def main(argv: list[str]) -> None:
     """The one place sample.py turns a user error into one line on stderr (exit 2)."""
     jobs = {"failures": failures, "eval": evaluate, "demo": demo}
     if not argv or argv[0] not in jobs:
-        print(f"usage: python sample.py {{{','.join(jobs)}}} [--flag=value ...]  (--help after the job lists its flags)",
-              file=sys.stderr)
+        print(f"usage: python sample.py {{{','.join(jobs)}}} [--flag=value ...]  (--help after the job lists "
+              "its flags)", file=sys.stderr)
         sys.exit(2)
     cfg = parse_flags(SampleConfig, argv[1:], prog=f"sample.py {argv[0]}", fields=JOB_FLAGS[argv[0]])
-    if cfg.threads:
+    if cfg.threads > 0:  # a negative value is refused by check_config
         torch.set_num_threads(cfg.threads)
     try:
         jobs[argv[0]](cfg)

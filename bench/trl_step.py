@@ -55,7 +55,7 @@ sys.path[0] = str(ROOT)
 from r3.errors import UserError  # noqa: E402
 from r3.jsonl import read_failures, read_jsonl, write_jsonl_atomic  # noqa: E402
 from r3.tasks import task_from_flags  # noqa: E402
-from train import TrainConfig  # noqa: E402  (the dataclass's defaults only: the training defaults are the benchmark's)
+from train import TrainConfig  # noqa: E402  (its defaults only: the training defaults are the benchmark's)
 
 D = TrainConfig()
 SIDES = ("r3", "trl")

@@ -31,7 +31,8 @@ def two_try_eval(model, tok, task, examples: list[dict], max_attempt_tokens: int
         for c in tqdm(range(0, len(mine), EVAL_CHUNK), desc="eval", unit="chunk", disable=not progress):
             rows += two_tries(model, tok, task, mine[c:c + EVAL_CHUNK], max_attempt_tokens, max_reflection_tokens,
                               temperature, top_p, seed + c)
-    counts = dist.all_reduce_sum(torch.tensor([len(rows), sum(r["first"] for r in rows), sum(r["second"] for r in rows)]))
+    counts = dist.all_reduce_sum(torch.tensor([len(rows), sum(r["first"] for r in rows),
+                                               sum(r["second"] for r in rows)]))
     return rows, dict(zip(("n", "first", "second"), counts.tolist()))
 
 

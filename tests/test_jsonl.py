@@ -38,7 +38,8 @@ def test_good_failure_rows_are_returned_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"task": "echo", "attempt": "ho"}, r"failures\.jsonl:3: expected a row \{task, example, attempt\}.*\['attempt', 'task'\]"),
+    ({"task": "echo", "attempt": "ho"},
+     r"failures\.jsonl:3: expected a row \{task, example, attempt\}.*\['attempt', 'task'\]"),
     ({"task": "echo", "example": {"q": "hi"}}, r"failures\.jsonl:3: expected a row \{task, example, attempt\}"),
     (GOOD | {"task": "countdown"}, r"failures\.jsonl:3: a failure of task 'countdown', but --task is 'echo'"),
     (GOOD | {"example": {"question": "hi"}}, r"failures\.jsonl:3: task 'echo' cannot build a prompt .*KeyError"),

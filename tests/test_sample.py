@@ -3,7 +3,9 @@
 Proves: `failures` writes {task, example, attempt} rows for exactly the failed attempts, and a run
 killed after its first chunk resumes from <out>.partial to the same file an uninterrupted run writes;
 `eval` reports first-try and +reflection second-try accuracy with 95% intervals (second >= first) and
-writes its full config; bad input ends with one clear message naming the file and line.
+writes its full config; `demo` prints the task's problem, the attempt, the reflection and the retry with
+their verdicts; each job's --help lists exactly its flags; bad input (a malformed line, a bad flag value)
+ends with one `error:` line, exit 2, before any model loads.
 """
 import json
 import re
@@ -31,7 +33,8 @@ def toy(monkeypatch):
 
 def _cfg(tiny_dir, out, **kw):
     return sample.SampleConfig(**(dict(model=str(tiny_dir), task="parity", num_examples=6, attempts=3, max_per_query=0,
-                                       max_attempt_tokens=5, max_reflection_tokens=6, chunk=2, out=str(out), seed=1) | kw))
+                                       max_attempt_tokens=5, max_reflection_tokens=6, chunk=2, out=str(out), seed=1)
+                                  | kw))
 
 
 def test_failures_are_exactly_the_failed_attempts(tiny_dir, toy, tmp_path, capsys):
@@ -127,7 +130,8 @@ def test_demo_shows_the_whole_cycle_on_the_tasks_first_problem(tiny_dir, toy, ca
     first = task.examples("test")[0]
     assert first["q"] in out and task.reflection_prompt in out  # --task's problem and reflection request
     for part in (f"[attempt: {'correct' if row['first'] else 'wrong'}]\n{row['attempt']}\n",
-                 f"[reflection]\n{row['reflection']}\n", f"[retry: {'correct' if row['second'] else 'wrong'}]\n{row['retry']}"):
+                 f"[reflection]\n{row['reflection']}\n",
+                 f"[retry: {'correct' if row['second'] else 'wrong'}]\n{row['retry']}"):
         assert part in out, part
     assert row["first"] == task.verify(first, row["attempt"]) and row["second"] == task.verify(first, row["retry"])
 
@@ -158,6 +162,6 @@ def test_each_jobs_help_lists_only_its_flags():
 def test_bad_flag_values_end_before_the_model_loads(tiny_dir, toy, monkeypatch, capsys, job, flag, message):
     monkeypatch.setattr(sample, "load_hf", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as e:
-        sample.main([job, f"--model={tiny_dir}", "--task=parity"] + (["--out=x.jsonl"] if job != "demo" else []) + [flag])
+        sample.main([job, f"--model={tiny_dir}", "--task=parity", *(["--out=x.jsonl"] if job != "demo" else []), flag])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == f"error: {message}\n", err

@@ -4,8 +4,13 @@ Proves: two training steps give a finite loss, change the policy's weights and l
 untouched; `torchrun --nproc_per_node=2` computes the same loss and gradient norm as one process on
 the same global batch (fp32, within 1e-5); 4 steps straight equal 2 steps + stop + resume + 2 steps
 (losses within 1e-6); a checkpoint save killed midway leaves the previous checkpoint loadable and
-resumable; an empty failure set and an incompatible resume end with one clear message. A toy task
-(reward = the retry's length is even) gives a tiny random model reward variance to learn from.
+resumable; an empty failure set and an incompatible resume end with one clear message. Every config
+field is checked, and each bad value (and each bad failure row) ends with one `error:` line, exit 2,
+before any model loads; an interrupt ends with one line naming the step and the newest checkpoint
+(exit 130) and the same command resumes; a resume cuts samples.jsonl back to the checkpoint like
+metrics.jsonl, and a run without a checkpoint starts every output anew; the end-of-run evaluation gives
+the numbers `sample.py eval` gives on the exported model. A toy task (reward = the retry's length is
+even) gives a tiny random model reward variance to learn from.
 """
 import json
 import os
@@ -186,7 +191,8 @@ def test_bad_config_value_is_one_line_before_the_model_loads(tiny_dir, toy, tmp_
     monkeypatch.setattr(train.dist, "init", lambda: (0, 2, torch.device("cpu")))  # as under torchrun with 2 ranks
     import r3.tasks
 
-    monkeypatch.setattr(r3.tasks, "get_task", lambda name, **kw: ParityTask() if name == "parity" else real_get_task(name))
+    monkeypatch.setattr(r3.tasks, "get_task", lambda name, **kw: ParityTask() if name == "parity" else
+                        real_get_task(name))
     with pytest.raises(SystemExit) as e:
         train.cli(_cli_flags(tiny_dir, toy, tmp_path / "run", failures_per_step=2) + [f"--{flag}"])
     err = capsys.readouterr().err
@@ -195,8 +201,10 @@ def test_bad_config_value_is_one_line_before_the_model_loads(tiny_dir, toy, tmp_
 
 @pytest.mark.parametrize("row, message", [
     ({"task": "parity", "attempt": "abc"}, r"failures\.jsonl:2: expected a row \{task, example, attempt\}"),
-    ({"task": "countdown", "example": {"q": "x"}, "attempt": "abc"}, r"failures\.jsonl:2: a failure of task 'countdown'"),
-    ({"task": "parity", "example": {"x": 1}, "attempt": "abc"}, r"failures\.jsonl:2: task 'parity' cannot build a prompt"),
+    ({"task": "countdown", "example": {"q": "x"}, "attempt": "abc"},
+     r"failures\.jsonl:2: a failure of task 'countdown'"),
+    ({"task": "parity", "example": {"x": 1}, "attempt": "abc"},
+     r"failures\.jsonl:2: task 'parity' cannot build a prompt"),
 ])
 def test_bad_failure_row_is_one_line_before_the_model_loads(tiny_dir, toy, tmp_path, monkeypatch, capsys, row, message):
     monkeypatch.setattr(train, "load_hf", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -258,7 +266,8 @@ def test_final_evaluation_equals_sample_eval_on_the_exported_model(tiny_dir, toy
     row = _metrics(tmp_path / "run")[-1]
     env = os.environ | {"PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"}
     r = subprocess.run([sys.executable, "sample.py", "eval", f"--model={tmp_path / 'run' / 'final'}",
-                        "--task=conftest:ParityTask", "--num_examples=6", f"--max_attempt_tokens={cfg.max_attempt_tokens}",
+                        "--task=conftest:ParityTask", "--num_examples=6",
+                        f"--max_attempt_tokens={cfg.max_attempt_tokens}",
                         f"--max_reflection_tokens={cfg.max_reflection_tokens}", f"--out={tmp_path / 'eval.json'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -11,12 +11,13 @@ A task is what the training and sampling scripts need to know about a problem se
     verify(example, text) -> bool               the binary reward; never raises, whatever the text
 
 `get_task(name, **options)` builds one: a registered name, or `module:Class` for a task of one's own
-(the module is imported from sys.path, e.g. a my_task.py next to train.py; `Class(**options)`). Tasks load their data lazily, on the first `examples()` call.
+(the module is imported from sys.path, e.g. a my_task.py next to train.py; `Class(**options)`).
+Tasks load their data lazily, on the first `examples()` call.
 This module does not render chat templates (r3/chat.py) and does not sample (sample.py).
 
 Errors a user can cause (unknown task, option or split; missing file, malformed line, empty split) raise
-`TaskDataError`, an r3.errors.UserError (and a ValueError) whose message names the thing (file and line) and the fix, so scripts can
-print it without a traceback.
+`TaskDataError`, an r3.errors.UserError (and a ValueError) whose message names the thing (file and
+line) and the fix, so scripts can print it without a traceback.
 """
 import hashlib
 import importlib
