@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -125,9 +126,11 @@ def next_failures(failures: list[dict], order, cursor: int, n: int, seed: int, s
 
 def first_failures(policy, tok, task, cfg: TrainConfig, out: Path, given, rank: int, world: int) -> list[dict]:
     """A fresh run: earlier outputs removed (not a given --failures file); the given failures, or new ones."""
-    for f in ("metrics.jsonl", "samples.jsonl", "metrics.png", "failures.jsonl") if rank == 0 else ():
-        if not (cfg.failures and (out / f).exists() and (out / f).samefile(cfg.failures)):
-            (out / f).unlink(missing_ok=True)
+    if rank == 0:
+        shutil.rmtree(out / "final", ignore_errors=True)
+        for f in ("metrics.jsonl", "samples.jsonl", "metrics.png", "failures.jsonl"):
+            if not (cfg.failures and (out / f).exists() and (out / f).samefile(cfg.failures)):
+                (out / f).unlink(missing_ok=True)
     failures = given
     if failures is None:
         dist.print0(f"building the failure set: {cfg.train_examples} queries x {cfg.attempts} attempts ...")
@@ -149,13 +152,6 @@ def build_failures(policy, tok, task, cfg: TrainConfig, rank: int, world: int, s
                                      cfg.max_attempt_tokens, cfg.temperature, cfg.top_p, step_seed(seed, 0, rank))
     total_ok = int(dist.all_reduce_sum(torch.tensor(float(ok))))
     return dist.gather_lists(fails), total_ok / max(1, len(examples) * cfg.attempts)
-
-
-def evaluate(policy, tok, task, cfg: TrainConfig, rank: int, world: int) -> dict:
-    """Held-out first-try and +reflection second-try accuracy: `sample.py eval`'s protocol (greedy), over ranks."""
-    _, c = two_try_eval(policy, tok, task, task.examples("test")[: cfg.eval_examples], cfg.max_attempt_tokens,
-                        cfg.max_reflection_tokens, rank=rank, world=world)
-    return {"eval_n": c["n"], "eval_first": c["first"] / c["n"], "eval_second": c["second"] / c["n"]}
 
 
 def plot_metrics(path: Path, png: Path) -> None:
@@ -245,14 +241,17 @@ def main(cfg: TrainConfig) -> None:
                 sched.step()
             step += 1
             row.update(rollout_s=round(t_rollout, 2), step_s=round(time.time() - t0, 2))
-            # then: refresh the failure set from the current policy (our extension), evaluate, log, checkpoint
+            # then: refresh the failure set from the current policy (our extension); evaluate (held-out, greedy,
+            # first try and +reflection second try: the protocol and numbers of `sample.py eval`); log; checkpoint
             if cfg.refresh_failures_every and step % cfg.refresh_failures_every == 0 and step < cfg.steps:
                 new, rate = build_failures(policy, tok, task, cfg, rank, world, cfg.seed + step)
                 if new:
                     failures, order, cursor = new, None, 0
                 row.update(refreshed_failures=len(new), first_try=rate)
             if cfg.eval_examples and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                row.update(evaluate(policy, tok, task, cfg, rank, world))
+                _, c = two_try_eval(policy, tok, task, task.examples("test")[: cfg.eval_examples],
+                                    cfg.max_attempt_tokens, cfg.max_reflection_tokens, rank=rank, world=world)
+                row.update(eval_n=c["n"], eval_first=c["first"] / c["n"], eval_second=c["second"] / c["n"])
             if rank == 0:
                 append_jsonl(out / "metrics.jsonl", row)
                 sample = {"step": step, "failure": mine[0], "samples": ro.texts[: cfg.group_size]}  # one group's texts
