@@ -173,7 +173,8 @@ def demo(cfg: SampleConfig) -> dict:
     for turn in task.prompt(ex):
         print(f"[{turn['role']}]\n{turn['content']}\n")
     print(f"[attempt: {verdict[row['first']]}]\n{row['attempt']}\n\n[user]\n{task.reflection_prompt}\n\n"
-          f"[reflection]\n{row['reflection']}\n\n[retry: {verdict[row['second']]}]\n{row['retry']}")
+          f"[reflection]\n{row['reflection']}\n\n[user]\n(the question again)\n\n"
+          f"[retry: {verdict[row['second']]}]\n{row['retry']}")
     return row
 
 
