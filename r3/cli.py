@@ -2,9 +2,11 @@
 
 Each field becomes one flag of the field's type; the trailing comment on the field's line in the source
 becomes its help text, so the config block stays the single place that documents an option. An unknown
-flag or a value of the wrong type ends with one message (argparse's usage error), never a traceback.
+flag or a value of the wrong type ends with one message (argparse's usage error, exit 2), never a traceback.
+`fields` limits the flags to the ones a job uses (sample.py's jobs share one dataclass); the others keep
+their defaults and are not in --help.
 
-It does not: read config files or environment variables.
+It does not: read config files or environment variables, or check values (each script's check_config).
 """
 from __future__ import annotations
 
@@ -43,13 +45,17 @@ def _nullable(conv):
     return lambda s: None if s.lower() in ("none", "null", "") else conv(s)
 
 
-def parse_flags(cls, argv: list[str] | None = None, prog: str | None = None, description: str | None = None):
-    """Build `cls` (a dataclass) from `--field=value` flags; defaults come from the dataclass."""
+def parse_flags(cls, argv: list[str] | None = None, prog: str | None = None, description: str | None = None,
+                fields: set[str] | None = None):
+    """Build `cls` (a dataclass) from `--field=value` flags; defaults come from the dataclass. With
+    `fields`, only those fields are flags."""
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
+        if fields is not None and f.name not in fields:
+            continue
         tp = hints[f.name]
         conv = _scalar_type(tp)
         if type(None) in typing.get_args(tp):

@@ -11,8 +11,10 @@ The reflection mask is the only thing that decides which tokens learn (rollout.p
 Log-probs come from `kernels.logprobs.token_logprobs`: the model returns hidden states, only the masked
 positions go through the LM head (in row chunks), so no [B, T, V] tensor is ever built.
 
-It does not: sample (rollout.py), reduce across ranks (the caller passes the global token count),
-or step the optimizer (train.py).
+`update` is one optimizer step of this loss over micro-batches (gradient accumulation, the global token
+count reduced over ranks, clip, step): what train.py, bench/trl_step.py and the distributed test share.
+
+It does not: sample (rollout.py), schedule the learning rate or decide when to skip a step (train.py).
 """
 from __future__ import annotations
 
@@ -79,3 +81,45 @@ def rollout_stats(rewards: torch.Tensor, group_size: int, mask: torch.Tensor) ->
         "zero_variance_frac": float((r.max(dim=1).values == r.min(dim=1).values).float().mean()),
         "reflection_len": float(mask.float().sum(dim=1).mean()),  # tokens incl. end-of-turn
     }
+
+
+def update(policy, ref, batch: dict, opt, *, micro_batch: int, ppo_epochs: int, temperature: float, beta: float,
+           clip_eps: float, grad_clip: float, world: int = 1) -> dict:
+    """One optimizer step of GRPO (PAPER.md section 3, steps 6-9) on this rank's share of the batch:
+    ids, pos, mask (N, T) and advantages (N,). All ranks take part with the same number of micro-batches
+    (FSDP collectives must match). Returns loss, kl, clip_frac, grad_norm, tokens (global figures)."""
+    from r3 import dist
+
+    ids, pos, mask, adv = batch["ids"], batch["pos"], batch["mask"], batch["advantages"]
+    n = ids.shape[0]
+    chunks = [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
+
+    def trimmed(s):  # right padding: cut each micro-batch to its longest row
+        T = int(mask[s].nonzero()[:, 1].max()) + 1 if mask[s].any() else 1
+        return ids[s, :T], pos[s, :T], mask[s, :T]
+
+    micro = [trimmed(s) for s in chunks]
+    # a. log-probs that do not change during the update: old policy (the ratio, step 8) and reference (KL, step 7)
+    with torch.no_grad():
+        old = [sequence_logprobs(policy, *mb, temperature) if ppo_epochs > 1 else None for mb in micro]
+        refs = [sequence_logprobs(ref, *mb, temperature) if ref is not None else None for mb in micro]
+    num_tokens = float(dist.all_reduce_sum(mask.sum().float().clone()))  # reflection tokens, all ranks (step 9)
+    # b. loss over micro-batches, gradients accumulated; x world because FSDP averages gradients over ranks
+    sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
+    for epoch in range(ppo_epochs):
+        for s, (i, p, m), o, r in zip(chunks, micro, old, refs):
+            logp = sequence_logprobs(policy, i, p, m, temperature)
+            loss, st = grpo_loss(logp, o if o is not None else logp.detach(), r, adv[s], m, beta, clip_eps, num_tokens)
+            (loss * world).backward()
+            if epoch == ppo_epochs - 1:
+                sums["loss"] += float(loss.detach())
+                sums["kl"] += st["kl"]
+                sums["clipped"] += st["clipped"]
+        # c. clip the global gradient norm and step
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    totals = dist.all_reduce_sum(torch.tensor([sums["loss"], sums["kl"], sums["clipped"]]))
+    return {"loss": float(totals[0]), "kl": float(totals[1]) / num_tokens, "clip_frac": float(totals[2]) / num_tokens,
+            "grad_norm": float(grad_norm), "tokens": num_tokens}

@@ -1,4 +1,4 @@
-"""Run by tests/test_train.py, under torchrun or as a plain process: one `train.update` on a fixed batch.
+"""Run by tests/test_train.py, under torchrun or as a plain process: one `r3.grpo.update` on a fixed batch.
 
 Every rank builds the same tiny random model and the same global batch (seeded), takes its contiguous
 share of the rows, shards the model with FSDP2 (a no-op at world size 1) and prints, on rank 0, the
@@ -13,8 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from r3 import dist  # noqa: E402
+from r3.grpo import update  # noqa: E402
 from r3.model import ModelConfig, Transformer  # noqa: E402
-from train import TrainConfig, update  # noqa: E402
 
 HF = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48,
       "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
@@ -37,14 +37,14 @@ def main():
         s = int(torch.randint(2, 8, (1,), generator=g))
         mask[i, s:s + int(torch.randint(1, 12, (1,), generator=g))] = True
     adv = torch.randn(N, generator=g)
-    cfg = TrainConfig(micro_batch=2, beta=0.05, clip_eps=0.2, ppo_epochs=2, lr=1e-3)
+    knobs = dict(micro_batch=2, beta=0.05, clip_eps=0.2, ppo_epochs=2, temperature=0.9, grad_clip=1.0)
     policy, ref = dist.shard(policy, mixed_bf16=False), dist.shard(ref, mixed_bf16=False)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     rows = slice(rank * N // world, (rank + 1) * N // world)
     batch = {"ids": ids[rows], "pos": torch.arange(T).expand(N, T)[rows], "mask": mask[rows], "advantages": adv[rows]}
     with dist.unsharded(policy), torch.no_grad():  # as train.py: sample with gathered weights, then update
         policy(batch["ids"][:1])
-    out = update(policy, ref, batch, cfg, opt, world)
+    out = update(policy, ref, batch, opt, **knobs, world=world)
     if rank == 0:
         print(json.dumps(out), flush=True)
     dist.shutdown()

@@ -4,11 +4,17 @@ Proves: two training steps give a finite loss, change the policy's weights and l
 untouched; `torchrun --nproc_per_node=2` computes the same loss and gradient norm as one process on
 the same global batch (fp32, within 1e-5); 4 steps straight equal 2 steps + stop + resume + 2 steps
 (losses within 1e-6); a checkpoint save killed midway leaves the previous checkpoint loadable and
-resumable; an empty failure set and an incompatible resume end with one clear message. A toy task
-(reward = the retry's length is even) gives a tiny random model reward variance to learn from.
+resumable; an empty failure set and an incompatible resume end with one clear message. Every config
+field is checked, and each bad value (and each bad failure row) ends with one `error:` line, exit 2,
+before any model loads; an interrupt ends with one line naming the step and the newest checkpoint
+(exit 130) and the same command resumes; a resume cuts samples.jsonl back to the checkpoint like
+metrics.jsonl, and a run without a checkpoint starts every output anew; the end-of-run evaluation gives
+the numbers `sample.py eval` gives on the exported model. A toy task (reward = the retry's length is
+even) gives a tiny random model reward variance to learn from.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +24,7 @@ import torch
 
 import train
 from conftest import ParityTask
+from r3.tasks import get_task as real_get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,11 +52,9 @@ def _metrics(out):
 
 
 def test_two_steps_change_policy_not_reference(tiny_dir, toy, tmp_path, monkeypatch):
-    import r3.checkpoint
-
     loaded = []
-    real = r3.checkpoint.load_hf
-    monkeypatch.setattr(r3.checkpoint, "load_hf", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    real = train.load_hf
+    monkeypatch.setattr(train, "load_hf", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
     train.main(_cfg(tiny_dir, toy, tmp_path / "run"))
     rows = _metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
@@ -77,7 +82,9 @@ def test_resume_equals_straight_run(tiny_dir, toy, tmp_path):
 
 
 def test_killed_save_leaves_previous_checkpoint(tiny_dir, toy, tmp_path, monkeypatch):
-    real_save, calls = train.dcp.save, []
+    import r3.checkpoint
+
+    real_save, calls = r3.checkpoint.dcp.save, []
 
     def dying_save(state, checkpoint_id):
         calls.append(checkpoint_id)
@@ -86,11 +93,11 @@ def test_killed_save_leaves_previous_checkpoint(tiny_dir, toy, tmp_path, monkeyp
             raise KeyboardInterrupt("killed during save")
         return real_save(state, checkpoint_id=checkpoint_id)
 
-    monkeypatch.setattr(train.dcp, "save", dying_save)
+    monkeypatch.setattr(r3.checkpoint.dcp, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train.main(_cfg(tiny_dir, toy, tmp_path / "run", steps=3))
     assert train.latest_checkpoint(tmp_path / "run").name == "step_000001"
-    monkeypatch.setattr(train.dcp, "save", real_save)
+    monkeypatch.setattr(r3.checkpoint.dcp, "save", real_save)
     train.main(_cfg(tiny_dir, toy, tmp_path / "run", steps=3))
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3]
 
@@ -146,3 +153,124 @@ def train_load(path):
     from r3.checkpoint import load_hf
 
     return load_hf(path).state_dict()
+
+
+def _cli_flags(tiny_dir, fails, out, **kw):
+    cfg = _cfg(tiny_dir, fails, out, **kw)
+    return [f"--{k}={v}" for k, v in vars(cfg).items()]
+
+
+def test_every_field_is_checked():
+    cfg = train.TrainConfig()
+    checked_by_loading = {"model", "task", "task_data", "task_options"}  # config.json read, task built, in check_config
+    assert set(train.config_rules(cfg, 1)) | checked_by_loading == set(vars(cfg))
+    assert all(ok for ok, _ in train.config_rules(cfg, 1).values()), "a default value is refused"
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("group_size=1", "--group_size=1: must be >= 2"),
+    ("ppo_epochs=0", "--ppo_epochs=0: must be >= 1"),
+    ("adv_scale=std", "--adv_scale='std': must be 'group' or 'none'"),
+    ("failures_per_step=3", "--failures_per_step=3: must be >= 1 and divisible by the 2 ranks"),
+    ("micro_batch=0", "--micro_batch=0: must be >= 1"),
+    ("temperature=-0.5", "--temperature=-0.5: must be >= 0"),
+    ("retry_temperature=-1", "--retry_temperature=-1.0: must be >= 0"),
+    ("top_p=0", "--top_p=0.0: must be in (0, 1]"),
+    ("top_p=1.5", "--top_p=1.5: must be in (0, 1]"),
+    ("max_attempt_tokens=0", "--max_attempt_tokens=0: must be >= 1"),
+    ("max_reflection_tokens=0", "--max_reflection_tokens=0: must be >= 1"),
+    ("lr=0", "--lr=0.0: must be > 0"),
+    ("steps=0", "--steps=0: must be >= 1"),
+    ("keep_checkpoints=0", "--keep_checkpoints=0: must be >= 1"),
+    ("failures=/no/such.jsonl", "--failures='/no/such.jsonl': must be an existing failures JSONL file"),
+    ("task=nope", "unknown task 'nope'"),
+])
+def test_bad_config_value_is_one_line_before_the_model_loads(tiny_dir, toy, tmp_path, monkeypatch, capsys, flag,
+                                                             message):
+    monkeypatch.setattr(train, "load_hf", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(train.dist, "init", lambda: (0, 2, torch.device("cpu")))  # as under torchrun with 2 ranks
+    import r3.tasks
+
+    monkeypatch.setattr(r3.tasks, "get_task", lambda name, **kw: ParityTask() if name == "parity" else
+                        real_get_task(name))
+    with pytest.raises(SystemExit) as e:
+        train.cli(_cli_flags(tiny_dir, toy, tmp_path / "run", failures_per_step=2) + [f"--{flag}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"task": "parity", "attempt": "abc"}, r"failures\.jsonl:2: expected a row \{task, example, attempt\}"),
+    ({"task": "countdown", "example": {"q": "x"}, "attempt": "abc"},
+     r"failures\.jsonl:2: a failure of task 'countdown'"),
+    ({"task": "parity", "example": {"x": 1}, "attempt": "abc"},
+     r"failures\.jsonl:2: task 'parity' cannot build a prompt"),
+])
+def test_bad_failure_row_is_one_line_before_the_model_loads(tiny_dir, toy, tmp_path, monkeypatch, capsys, row, message):
+    monkeypatch.setattr(train, "load_hf", lambda *a, **k: pytest.fail("a model was loaded"))
+    toy.write_text(toy.read_text().splitlines()[0] + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(SystemExit) as e:
+        train.cli(_cli_flags(tiny_dir, toy, tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and re.match(f"error: .*{message}", err), err
+
+
+def test_interrupt_is_one_line_naming_step_and_checkpoint(tiny_dir, toy, tmp_path, monkeypatch, capsys):
+    real, calls = train.rollout, []
+
+    def interrupted_on_step_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C, or SIGTERM through r3.dist, raises in the main thread
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "rollout", interrupted_on_step_2)
+    with pytest.raises(SystemExit) as e:
+        train.cli(_cli_flags(tiny_dir, toy, tmp_path / "run", steps=3))
+    err = capsys.readouterr().err
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000001"
+    assert e.value.code == 130  # below the progress bar's lines (closed, so the message starts a line), one line:
+    assert err.endswith(f"\ninterrupted after step 1; newest complete checkpoint: {ckpt}; run the same command to "
+                        "resume\n"), err[-500:]
+    monkeypatch.setattr(train, "rollout", real)
+    train.main(_cfg(tiny_dir, toy, tmp_path / "run", steps=3))  # the same command resumes
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def _samples(out):
+    return [json.loads(ln) for ln in (Path(out) / "samples.jsonl").read_text().splitlines()]
+
+
+def test_resume_cuts_samples_back_and_a_fresh_run_starts_anew(tiny_dir, toy, tmp_path):
+    train.main(_cfg(tiny_dir, toy, tmp_path / "a", steps=3))
+    run = tmp_path / "b"
+    train.main(_cfg(tiny_dir, toy, run, steps=2))
+    for name in ("metrics.jsonl", "samples.jsonl"):  # rows of a step 3 whose checkpoint was never written
+        with open(run / name, "a") as f:
+            f.write(json.dumps({"step": 3, "stale": True}) + "\n")
+    train.main(_cfg(tiny_dir, toy, run, steps=3))
+    assert _samples(run) == _samples(tmp_path / "a") and [r["step"] for r in _samples(run)] == [1, 2, 3]
+    assert not any(r.get("stale") for r in _metrics(run))
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")  # no checkpoint: the next run starts every output anew
+    train.main(_cfg(tiny_dir, toy, run, steps=1))
+    assert [r["step"] for r in _metrics(run)] == [1] and [r["step"] for r in _samples(run)] == [1]
+    assert toy.exists()  # the given failures file is the user's: never removed
+
+
+def test_final_evaluation_equals_sample_eval_on_the_exported_model(tiny_dir, toy, tmp_path):
+    """Part of one protocol: the same budgets and rows from train.py's end-of-run evaluation and `sample.py eval`."""
+    cfg = _cfg(tiny_dir, toy, tmp_path / "run", steps=1, eval_examples=6)
+    train.main(cfg)
+    row = _metrics(tmp_path / "run")[-1]
+    env = os.environ | {"PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"}
+    r = subprocess.run([sys.executable, "sample.py", "eval", f"--model={tmp_path / 'run' / 'final'}",
+                        "--task=conftest:ParityTask", "--num_examples=6",
+                        f"--max_attempt_tokens={cfg.max_attempt_tokens}",
+                        f"--max_reflection_tokens={cfg.max_reflection_tokens}", f"--out={tmp_path / 'eval.json'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert (ev["n"], ev["first"]["accuracy"], ev["second"]["accuracy"]) == (row["eval_n"], row["eval_first"],
+                                                                         row["eval_second"])

@@ -10,12 +10,14 @@ A task is what the training and sampling scripts need to know about a problem se
                                                 retry re-asks only that turn; `question_turns` builds them)
     verify(example, text) -> bool               the binary reward; never raises, whatever the text
 
-`get_task(name, **options)` builds one. Tasks load their data lazily, on the first `examples()` call.
+`get_task(name, **options)` builds one: a registered name, or `module:Class` for a task of one's own
+(the module is imported from sys.path, e.g. a my_task.py next to train.py; `Class(**options)`).
+Tasks load their data lazily, on the first `examples()` call.
 This module does not render chat templates (r3/chat.py) and does not sample (sample.py).
 
 Errors a user can cause (unknown task, option or split; missing file, malformed line, empty split) raise
-`TaskDataError`, a ValueError whose message names the thing (file and line) and the fix, so scripts can
-print it without a traceback.
+`TaskDataError`, an r3.errors.UserError (and a ValueError) whose message names the thing (file and
+line) and the fix, so scripts can print it without a traceback.
 """
 import hashlib
 import importlib
@@ -24,8 +26,10 @@ import json
 from pathlib import Path
 from typing import Protocol
 
+from r3.errors import UserError
 
-class TaskDataError(ValueError):
+
+class TaskDataError(UserError, ValueError):
     """A task asked for wrongly, or bad or missing data; the message names the thing and the fix."""
 
 
@@ -55,9 +59,13 @@ REGISTRY = {
 
 
 def get_task(name: str, **options) -> Task:
-    """Build the task registered as `name`; `options` override its preset (see each class's fields)."""
+    """Build the task registered as `name` (options override its preset, see each class's fields), or,
+    for `name` = "module:Class", import `module` from sys.path and return `Class(**options)`."""
+    if ":" in name:
+        return _task_from_module(name, options)
     if name not in REGISTRY:
-        raise TaskDataError(f"unknown task {name!r}; known tasks: {', '.join(sorted(REGISTRY))}")
+        raise TaskDataError(f"unknown task {name!r}; known tasks: {', '.join(sorted(REGISTRY))} "
+                            "(or module:Class for a task of your own)")
     module_name, class_name, preset = REGISTRY[name]
     # Imported here, not at the top: the task modules import TaskDataError from this package.
     cls = getattr(importlib.import_module(f"r3.tasks.{module_name}"), class_name)
@@ -66,6 +74,28 @@ def get_task(name: str, **options) -> Task:
     if unknown:
         raise TaskDataError(f"unknown option(s) {unknown} for task {name!r}; valid options: {allowed}")
     return cls(name=name, **{**preset, **options})
+
+
+def _task_from_module(spec: str, options: dict) -> Task:
+    module_name, _, class_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name.split(".")[0] and e.name != module_name:
+            raise  # the module exists but its own import failed: show that traceback
+        raise TaskDataError(f"--task={spec}: no module {module_name!r} on sys.path (put {module_name}.py next to "
+                            "the script, or add its folder to PYTHONPATH)") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise TaskDataError(f"--task={spec}: module {module_name!r} has no {class_name!r}")
+    try:
+        task = cls(**options)
+    except TypeError as e:
+        raise TaskDataError(f"--task={spec}: cannot build {class_name}(**{options}): {e}") from None
+    missing = [a for a in ("name", "reflection_prompt", "examples", "prompt", "verify") if not hasattr(task, a)]
+    if missing:
+        raise TaskDataError(f"--task={spec}: {class_name} lacks {missing} of the Task protocol (r3/tasks/__init__.py)")
+    return task
 
 
 def question_turns(question: str, solved: tuple[str, str] | None = None) -> list[dict]:
