@@ -16,8 +16,7 @@ import torch
 from r3.tasks import TaskDataError, get_task, task_from_flags
 
 ROOT = Path(__file__).resolve().parent.parent
-# NOTE: README-lib.md until the coordinator pastes its "Your own task" section into README.md; then README.md.
-README = ROOT / "README-lib.md"
+README = ROOT / "README.md"
 
 
 def readme_task_source() -> str:
