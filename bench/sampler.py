@@ -8,9 +8,14 @@ min_new_tokens on transformers'), so tokens/s = samples * new_tokens / wall time
   (b) rollout shape: 8 chat prompts of about 250 tokens, n=8 samples each (transformers:
       num_return_sequences=8 on left-padded prompts), temperature 0.9, top_p 1, no top-k.
 
-Usage: python bench/sampler.py [--threads N] [--new_tokens 128] [--only ours|hf] [--json]
+  With --compile, also ours with generate(compile=True) (the torch.compile'd static-shape decode step):
+  each case's first call compiles (compile_s = first call - steady call), the second is timed.
+
+Usage: python bench/sampler.py [--threads N] [--new_tokens 128] [--only ours|hf] [--compile]
+                               [--cases batch1,rollout] [--json]
 With --json the last line is one JSON object: tokens/s of each side, batch1_ratio and rollout_ratio
-(ours / transformers'). Speed goals: batch1_ratio >= 1.5, rollout_ratio >= 2.0.
+(ours / transformers'); with --compile also <case>_compiled_tok_s, <case>_compile_s and
+<case>_compiled_vs_eager. Speed goals: batch1_ratio >= 1.5, rollout_ratio >= 2.0.
 
 NOTE: at batch 1 both sides are bound by reading the fp32 weights once per token (538 MB; on the
 2-core Xeon VM measured here: about 23 GB/s, so 21.5 ms for the linear layers alone, 46 tok/s), and
@@ -73,9 +78,9 @@ def run_hf(hf, tok, prompts, n, new_tokens, temperature):
     return secs, (out.shape[1] - width) * out.shape[0]
 
 
-def run_ours(model, prompts, n, new_tokens, temperature):
+def run_ours(model, prompts, n, new_tokens, temperature, compile=False):
     secs, out = timed(lambda: generate(model, prompts, n=n, max_new_tokens=new_tokens, temperature=temperature,
-                                       stop_ids=(), seed=0))
+                                       stop_ids=(), seed=0, compile=compile))
     return secs, sum(len(s.ids) for s in out)
 
 
@@ -84,6 +89,8 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--only", choices=["ours", "hf"], default=None)
+    ap.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
+    ap.add_argument("--cases", default="batch1,rollout", help="comma-separated subset of batch1,rollout")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -98,6 +105,7 @@ def main():
     chat = render_prompt(tok, [{"role": "user", "content": "What is the capital of France? Answer in detail."}])
     rollout = rollout_prompts(tok)
     cases = {"batch1": ([chat], 1, 0.0), "rollout": (rollout, 8, 0.9)}
+    cases = {k: v for k, v in cases.items() if k in args.cases.split(",")}
     run_ours(model, [chat], 1, 4, 0.0)  # warm-up both (allocator, lazy init)
     if args.only != "ours":
         run_hf(hf, tok, [chat], 1, 4, 0.0)
@@ -112,6 +120,14 @@ def main():
             secs, ntok = fn()
             result[f"{name}_{side}_tok_s"] = round(ntok / secs, 2)
             print(f"  {side:5s} {ntok} tokens in {secs:.2f} s: {ntok / secs:.1f} tok/s", flush=True)
+        if args.compile and args.only != "hf":
+            first, _ = run_ours(model, prompts, n, args.new_tokens, temp, compile=True)
+            secs, ntok = run_ours(model, prompts, n, args.new_tokens, temp, compile=True)
+            tok_s = result[f"{name}_compiled_tok_s"] = round(ntok / secs, 2)
+            result[f"{name}_compile_s"] = round(first - secs, 1)
+            result[f"{name}_compiled_vs_eager"] = round(tok_s / result[f"{name}_ours_tok_s"], 2)
+            print(f"  compiled {ntok} tokens in {secs:.2f} s: {ntok / secs:.1f} tok/s (first call compiles: "
+                  f"{first - secs:.1f} s more)", flush=True)
         if not args.only:
             result[f"{name}_ratio"] = round(result[f"{name}_ours_tok_s"] / result[f"{name}_hf_tok_s"], 2)
             print(f"  ratio ours / transformers: {result[f'{name}_ratio']:.2f}", flush=True)

@@ -16,6 +16,16 @@ How a call runs:
    copied), so finished samples stop costing compute after at most `compact_every` - 1 wasted steps.
    This is also the only host sync in the loop (`done.any()`), which matters on a GPU.
 
+Compiled decode (`compile=True`, off by default): the decode step is `torch.compile`d with static
+shapes, as gpt-fast does: fullgraph, `dynamic=False`, and on CUDA mode "reduce-overhead" (CUDA graphs:
+one graph launch per token instead of ~1,500 kernel launches); plain inductor on CPU. To keep shapes
+static the batch is fixed (no compaction: finished rows keep decoding, their tokens discarded; the loop
+still ends early once every row has stopped, checked every `compact_every` steps), attention spans the
+whole cache, and the cache length is rounded up to a multiple of 256 and the buffer reused across calls
+of the same shape (`STATIC_CACHES`; CUDA graphs need its address fixed). Each new (N, length bucket)
+compiles again (tens of seconds), which is why it is off by default: a training run's rollout shapes
+change every step. Greedy output is token-exact with eager (tests/test_sampler.py). Prefill stays eager.
+
 The KV cache is one buffer (layers, 2, N, Hkv, S, D), allocated once per call, S = longest prompt +
 max_new_tokens (a little more when groups share prefixes). Slot s of a row holds the key/value of that
 row's token at position s; a query at position p sees slots <= p. Right-padded prefill writes garbage
@@ -42,6 +52,9 @@ per rank: the full parameters in the compute dtype (about 1x the model) on top o
 KV cache, 2 * layers * N * S * Hkv * D elements (default 135M model, N=64, S=384: 1.1 GB in fp32), plus
 a transient copy of its live part when rows are copied or compacted, plus a few (N, V) fp32 tensors
 per step (logits, probabilities, their cumsum) and the activations of one prefill batch.
+
+NOTE: compile=True is untested with an FSDP-wrapped policy (train.py never sets it), and the
+static caches stay allocated for the life of the process (STATIC_CACHES.clear() frees them).
 
 It does not: do beam search, repetition penalties, top-k, or stop on strings; keep a cache across calls
 (nano-vllm's block table and prefix cache); split large N or long prompts into chunks (memory grows
@@ -79,6 +92,20 @@ class KVCache:
         self.kv = torch.zeros(shape, device=device, dtype=dtype)  # (L, 2, B, Hkv, S, D)
         self.span = length
 
+    @classmethod
+    def static(cls, cfg: ModelConfig, batch: int, length: int, device, dtype) -> "KVCache":
+        """The compiled path's cache: one zeroed buffer per shape, reused across calls, its address
+        marked static so CUDA graphs need not copy it (compile guards on that address)."""
+        key = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, length, cfg.head_dim, str(device), dtype)
+        if key not in STATIC_CACHES:
+            STATIC_CACHES[key] = cache = cls(cfg, batch, length, device, dtype)
+            if cache.kv.is_cuda:
+                torch._dynamo.mark_static_address(cache.kv)
+        cache = STATIC_CACHES[key]
+        cache.kv.zero_()
+        cache.span = length
+        return cache
+
     def attn_mask(self, pos: torch.Tensor) -> torch.Tensor:
         """(B, T) positions -> (B, 1, T, span) bool: a query sees the slots at or before its position."""
         return (torch.arange(self.span, device=pos.device) <= pos[..., None])[:, None]
@@ -95,6 +122,10 @@ class KVCache:
         """Make cache rows `rows` (in that order; repeats allowed) rows 0..len(rows)-1, in place.
         Copies only the live slots (through one temporary); slots beyond them are garbage, masked."""
         self.kv[:, :, : len(rows), :, : self.span] = self.kv[:, :, rows, :, : self.span]
+
+
+STATIC_CACHES: dict[tuple, KVCache] = {}  # compile=True: (L, N, Hkv, length, D, device, dtype) -> cache
+STATIC_MULTIPLE = 256  # compile=True: cache lengths are rounded up to this, so near shapes share a graph
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator):
@@ -140,6 +171,17 @@ def decode_one_token(model: Transformer, cache: KVCache, tok: torch.Tensor, pos:
     return model(tok[:, None], pos[:, None], cache)[:, -1].float()
 
 
+_COMPILED: dict[str, object] = {}  # device type -> compiled decode_one_token (dynamo caches per shape)
+
+
+def compiled_decode(device: torch.device):
+    """decode_one_token under torch.compile: static shapes, one graph; CUDA graphs on CUDA."""
+    if device.type not in _COMPILED:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _COMPILED[device.type] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+    return _COMPILED[device.type]
+
+
 def _lcp(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
@@ -174,9 +216,10 @@ def _share_plan(prompts: list[list[int]], min_shared: int) -> list[tuple[int, li
 
 
 def prefill_shared(model: Transformer, prompts: list[list[int]], batch: int, max_new_tokens: int,
-                   min_shared: int) -> tuple[KVCache, torch.Tensor]:
+                   min_shared: int, static: bool = False) -> tuple[KVCache, torch.Tensor]:
     """Allocate the cache (`batch` rows) and prefill distinct `prompts` into rows 0..U-1, each shared
-    prefix once (see `_share_plan`). Returns the cache and the last-token logits (U, V)."""
+    prefix once (see `_share_plan`). Returns the cache and the last-token logits (U, V).
+    static: the compiled path's reused cache, its length rounded up to STATIC_MULTIPLE."""
     w = model.model.embed_tokens.weight  # under unsharded(): the full weight in the compute dtype
     shared = [(s, m) for s, m in _share_plan(prompts, min_shared) if s > 0]
     start, parent = [0] * len(prompts), [0] * len(prompts)
@@ -185,7 +228,11 @@ def prefill_shared(model: Transformer, prompts: list[list[int]], batch: int, max
             start[i], parent[i] = s, row
     suffixes = [p[s:] for p, s in zip(prompts, start)]
     length = max(max(start) + max(map(len, suffixes)), max((s for s, _ in shared), default=0)) + max_new_tokens
-    cache = KVCache(model.config, batch, length, w.device, w.dtype)
+    if static:
+        length = -(-length // STATIC_MULTIPLE) * STATIC_MULTIPLE
+        cache = KVCache.static(model.config, batch, length, w.device, w.dtype)
+    else:
+        cache = KVCache(model.config, batch, length, w.device, w.dtype)
     if shared:  # level 1: each group's prefix once, then copy the rows to the group's members
         prefill(model, cache, [prompts[m[0]][:s] for s, m in shared], [0] * len(shared))
         cache.select(torch.tensor(parent, device=w.device))
@@ -196,12 +243,13 @@ def prefill_shared(model: Transformer, prompts: list[list[int]], batch: int, max
 def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
              seed: int | None = None, return_logprobs: bool = False, min_shared: int = 32,
-             compact_every: int = 8) -> list[Sample]:
+             compact_every: int = 8, compile: bool = False) -> list[Sample]:
     """Sample n continuations of every prompt (see the module docstring); len(prompts) * n Samples,
     prompt-major. temperature 0 is greedy (top_p then unused). A sample ends after the first of
     `stop_ids` it samples, or after max_new_tokens. `seed` None draws a fresh seed. min_shared: the
     shortest common prefix prefilled once for several prompts; compact_every: steps between drops of
-    finished rows. return_logprobs fills Sample.logprobs."""
+    finished rows (with `compile`: steps between checks that all rows have stopped). return_logprobs
+    fills Sample.logprobs. compile: decode with the compiled static-shape step (module docstring)."""
     prompts = [[int(t) for t in p] for p in prompts]
     if not prompts or min(map(len, prompts)) == 0 or n < 1 or max_new_tokens < 1:
         raise ValueError("generate needs non-empty prompts, n >= 1 and max_new_tokens >= 1")
@@ -211,8 +259,9 @@ def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_t
         uniq = [list(k) for k in index]
         rows = [unique_of[p] for p in range(len(prompts)) for _ in range(n)]  # unique prompt per sample
         N = len(rows)
-        cache, logits = prefill_shared(model, uniq, N, max_new_tokens, min_shared)
+        cache, logits = prefill_shared(model, uniq, N, max_new_tokens, min_shared, static=compile)
         dev = cache.kv.device
+        step_fn = compiled_decode(dev) if compile else decode_one_token
         g = torch.Generator(device=dev)  # all randomness of the call; never the global RNG
         if seed is None:
             g.seed()
@@ -238,11 +287,17 @@ def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_t
             if (step + 1) % compact_every == 0 and bool(done.any()):
                 if bool(done.all()):
                     break
-                keep = (~done).nonzero()[:, 0]
-                cache.select(keep)
-                alive, tok, pos, done = alive[keep], tok[keep], pos[keep], done[keep]
-            cache.span = longest + step + 1  # every live row's position is < this
-            logits = decode_one_token(model, cache, tok, pos)
+                if not compile:  # compiled: the batch stays fixed (static shapes); done rows are ignored
+                    keep = (~done).nonzero()[:, 0]
+                    cache.select(keep)
+                    alive, tok, pos, done = alive[keep], tok[keep], pos[keep], done[keep]
+            if compile:
+                cache.span = cache.kv.shape[4]  # static: the whole cache, slots beyond a row's position masked
+                if dev.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+            else:
+                cache.span = longest + step + 1  # every live row's position is < this
+            logits = step_fn(model, cache, tok, pos)
             pos = pos + 1
     return _collect(out.tolist(), lps.tolist() if return_logprobs else None, set(stop_ids), n)
 

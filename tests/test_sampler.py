@@ -9,6 +9,8 @@ a full forward (no cache) at every step:
 - sampling is reproducible from the seed, and another seed gives other samples;
 - stops and finish reasons are right, and the returned log-probs are the log-softmax of the
   temperature-scaled full-forward logits at the sampled tokens; top-p samples only from the nucleus;
+- (slow) the compiled decode step (compile=True: torch.compile, fixed batch, static cache) gives greedily
+  exactly the eager sampler's tokens and stops, on mixed lengths, n > 1 and rows that finish early;
 - (slow) a policy sharded with FSDP2 over 2 processes samples exactly what the unsharded model samples;
 and on the real default model (slow): greedy output equals transformers' generate(do_sample=False).
 """
@@ -152,6 +154,24 @@ def test_top_p_samples_only_from_the_nucleus_and_renormalises():
     assert abs((tok == 0).float().mean().item() - 0.625) < 0.05
     tok, _ = sample(logits[:5], 1.0, 1e-6, torch.Generator().manual_seed(0))
     assert tok.tolist() == [0] * 5  # a tiny nucleus is the argmax
+
+
+@pytest.mark.slow  # one inductor compile: about a minute on 2 CPU cores
+def test_compiled_decode_is_token_exact_with_eager_in_greedy():
+    model = ours_from_hf(tiny_hf_model("qwen2", tied=False, vocab=128, seed=1))  # biases, untied head
+    prompts = _prompts([5, 17, 9], seed=10)
+    free = generate(model, prompts, n=2, max_new_tokens=30, temperature=0)
+    stops = {free[0].ids[3], free[2].ids[12]}  # some rows stop early, others late or never
+    eager = generate(model, prompts, n=2, max_new_tokens=30, temperature=0, stop_ids=stops)
+    assert any(s.finish_reason == "stop" for s in eager) and any(len(s.ids) > 8 for s in eager)
+    for _ in range(2):  # the second call reuses the compiled graph and the static cache
+        compiled = generate(model, prompts, n=2, max_new_tokens=30, temperature=0, stop_ids=stops, compile=True)
+        for i, (c, e) in enumerate(zip(compiled, eager)):
+            assert (c.ids, c.finish_reason) == (e.ids, e.finish_reason), f"sample {i}" + _diff(c.ids, e.ids)
+    for s in eager:
+        ref = _reference_greedy(model, prompts[s.prompt_index], 30)
+        n = next((j + 1 for j, t in enumerate(ref) if t in stops), 30)
+        assert s.ids == ref[:n], _diff(s.ids, ref[:n])
 
 
 @pytest.mark.slow
