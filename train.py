@@ -8,7 +8,9 @@ G reflections per failure, retry once after each, reward the retries that succee
 one GRPO update on the reflection tokens only (r3.grpo.update). The failure set is built at start from the
 step-0 policy unless --failures gives one; --refresh_failures_every rebuilds it from the current policy (the
 paper keeps it fixed). Departures from the paper, all options: token-level loss normalisation over the global
-batch (TRL's "dapo"/"bnpo"); reflections re-tokenised from text (r3/rollout.py).
+batch (TRL's "dapo"/"bnpo"); a reflection cut off at --max_reflection_tokens is closed with an end-of-turn
+token it never sampled, and that token is trained (r3/rollout.py). --method=grpo (plain GRPO: G first attempts per
+training query, loss on the attempts) and r3_retry (loss on reflections and retries) are the baselines.
 
 Outputs under --out_dir: failures.jsonl, metrics.jsonl (a row per step), samples.jsonl (one group's texts
 per step), metrics.png, checkpoints/step_NNNNNN (DCP, atomic), final/ (an HF model directory). A run
@@ -37,13 +39,15 @@ from r3.errors import UserError
 from r3.evaluate import two_try_eval
 from r3.grpo import group_advantages, rollout_stats, update
 from r3.jsonl import append_jsonl, read_failures, read_jsonl, truncate_jsonl, write_jsonl_atomic
-from r3.rollout import collect_failures, rollout
+from r3.plot import plot_metrics
+from r3.rollout import METHODS, collect_failures, grpo_rollout, rollout
 from r3.tasks import task_from_flags
 
 
 @dataclass
 class TrainConfig:
-    # model and data
+    # method, model and data
+    method: str = "r3"  # "r3" (the paper: loss on reflections), "r3_retry" (reflections + retries), "grpo" (plain GRPO)
     model: str = "default"  # "default" (SmolLM2-135M-Instruct, fetched from PyPI) or an HF model directory
     task: str = "countdown_easy"  # countdown, countdown3, countdown4, countdown_easy, bfcl, xlam; or module:Class
     task_data: str = ""  # data file for tasks that read one (xlam; countdown from a JSONL/parquet file)
@@ -93,12 +97,14 @@ def config_rules(c: TrainConfig, world: int) -> dict[str, tuple[bool, str]]:
                     warmup_steps=0, weight_decay=0, micro_batch=1, beta=0, ppo_epochs=1, eval_every=0, eval_examples=0,
                     save_every=0, keep_checkpoints=1, seed=0, threads=0)
     return {k: (getattr(c, k) >= v, f">= {v}") for k, v in at_least.items()} | {
-        "failures": (not c.failures or Path(c.failures).is_file(), "an existing failures JSONL file"),
+        "failures": (not c.failures or (Path(c.failures).is_file() and c.method != "grpo"),
+                     "an existing failures JSONL file (for an R3 method; grpo trains on the queries)"),
         "out_dir": (not Path(c.out_dir).exists() or Path(c.out_dir).is_dir(), "a directory"),
         "failures_per_step": (c.failures_per_step >= 1 and c.failures_per_step % world == 0,
                               f">= 1 and divisible by the {world} ranks"),
         "top_p": (0 < c.top_p <= 1, "in (0, 1]"), "lr": (c.lr > 0, "> 0"), "grad_clip": (c.grad_clip > 0, "> 0"),
-        "clip_eps": (c.clip_eps > 0, "> 0"), "adv_scale": (c.adv_scale in ("group", "none"), "'group' or 'none'")}
+        "clip_eps": (c.clip_eps > 0, "> 0"), "adv_scale": (c.adv_scale in ("group", "none"), "'group' or 'none'"),
+        "method": (c.method in METHODS + ("grpo",), f"one of {', '.join(METHODS + ('grpo',))}")}
 
 
 def check_config(cfg: TrainConfig, world: int):
@@ -131,6 +137,8 @@ def first_failures(policy, tok, task, cfg: TrainConfig, out: Path, given, rank: 
         for f in ("metrics.jsonl", "samples.jsonl", "metrics.png", "failures.jsonl"):
             if not (cfg.failures and (out / f).exists() and (out / f).samefile(cfg.failures)):
                 (out / f).unlink(missing_ok=True)
+    if cfg.method == "grpo":  # plain GRPO trains on the training queries themselves, not on failures
+        return [{"example": ex} for ex in task.examples("train")[: cfg.train_examples]]
     failures = given
     if failures is None:
         dist.print0(f"building the failure set: {cfg.train_examples} queries x {cfg.attempts} attempts ...")
@@ -154,17 +162,15 @@ def build_failures(policy, tok, task, cfg: TrainConfig, rank: int, world: int, s
     return dist.gather_lists(fails), total_ok / max(1, len(examples) * cfg.attempts)
 
 
-def plot_metrics(path: Path, png: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing global
-
-    rows = [r for r in read_jsonl(path) if "reward" in r]
-    keys = [("reward", "mean reward"), ("second_try_success", "second-try success (>=1 of G)"),
-            ("zero_variance_frac", "zero-variance groups"), ("reflection_len", "reflection length (tokens)")]
-    fig = Figure(figsize=(16, 3.2), layout="tight")
-    for ax, (k, title) in zip(fig.subplots(1, 4), keys):
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows], marker=".")
-        ax.set(title=title, xlabel="step")
-    fig.savefig(png, dpi=80)
+def sample_groups(policy, tok, task, cfg: TrainConfig, mine: list[dict], seed: int):
+    """Steps 1-4 on this rank's groups, full weights gathered once: R3's reflect -> retry -> reward on failures,
+    or plain GRPO's G first attempts per training query (r3/rollout.py)."""
+    with dist.unsharded(policy), torch.no_grad():
+        if cfg.method == "grpo":
+            return grpo_rollout(policy, tok, task, [m["example"] for m in mine], cfg.group_size, cfg.max_attempt_tokens,
+                                cfg.temperature, cfg.top_p, seed)
+        return rollout(policy, tok, task, mine, cfg.group_size, cfg.max_reflection_tokens, cfg.max_attempt_tokens,
+                       cfg.temperature, cfg.retry_temperature, cfg.top_p, seed, method=cfg.method)
 
 
 def load_models(cfg: TrainConfig, device):
@@ -217,14 +223,12 @@ def main(cfg: TrainConfig) -> None:
             # this rank's share of the step's failures (the batch is the same on every rank)
             batch, order, cursor = next_failures(failures, order, cursor, cfg.failures_per_step, cfg.seed, step)
             mine = batch[rank * per_rank:(rank + 1) * per_rank]
-            # 1-4. context, G reflections per failure, one retry after each, binary rewards (full weights gathered once)
-            with dist.unsharded(policy), torch.no_grad():
-                ro = rollout(policy, tok, task, mine, cfg.group_size, cfg.max_reflection_tokens, cfg.max_attempt_tokens,
-                             cfg.temperature, cfg.retry_temperature, cfg.top_p, step_seed(cfg.seed, step + 1, rank))
+            # 1-4. context, G reflections per failure, one retry after each, binary rewards (grpo: G first attempts)
+            ro = sample_groups(policy, tok, task, cfg, mine, step_seed(cfg.seed, step + 1, rank))
             t_rollout = time.time() - t0
             # 5. group advantages (0 for zero-variance groups) and batch statistics over all ranks
             adv = group_advantages(ro.rewards, cfg.group_size, cfg.adv_scale)
-            stats = rollout_stats(ro.rewards, cfg.group_size, ro.mask)
+            stats = rollout_stats(ro.rewards, cfg.group_size, ro.mask) | {"sampled_tokens": ro.sampled_tokens * world}
             sums = dist.all_reduce_sum(torch.tensor(list(stats.values())))
             stats = {k: float(v) / world for k, v in zip(stats, sums)}
             row = {"step": step + 1, **stats, "lr": sched.get_last_lr()[0]}

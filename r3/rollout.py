@@ -48,6 +48,7 @@ class Rollout:
     rewards: torch.Tensor  # (N,) float32 in {0, 1}
     group_ids: torch.Tensor  # (N,) int64: which failure (or query) each row belongs to
     texts: list[dict]  # per row, for logging: reflection, retry, reward (grpo_rollout: attempt, reward)
+    sampled_tokens: int = 0  # tokens the sampler generated for this batch (reflections + retries, or attempts)
 
 
 def reflection_context(task, example: dict, attempt: str) -> list[dict]:
@@ -161,7 +162,8 @@ def rollout(model, tok, task, failures: list[dict], group_size: int, max_reflect
     ids, pos, mask = pack_rows(segments, pad_id=end_of_turn_id(tok))
     texts = [{"reflection": r["reflection_text"], "retry": r["retry_text"], "reward": float(r["reward"])} for r in rows]
     return Rollout(ids=ids, pos=pos, mask=mask, rewards=torch.tensor([float(r["reward"]) for r in rows]),
-                   group_ids=torch.arange(len(failures)).repeat_interleave(group_size), texts=texts)
+                   group_ids=torch.arange(len(failures)).repeat_interleave(group_size), texts=texts,
+                   sampled_tokens=sum(len(r["reflection"]) + len(r["retry"]) for r in rows))
 
 
 def grpo_rollout(model, tok, task, examples: list[dict], group_size: int, max_new_tokens: int, temperature: float,
@@ -175,7 +177,8 @@ def grpo_rollout(model, tok, task, examples: list[dict], group_size: int, max_ne
     ids, pos, mask = pack_rows([[(prompts[i // G], False), (_turn(s, eot), True)] for i, s in enumerate(samples)], eot)
     return Rollout(ids=ids, pos=pos, mask=mask, rewards=torch.tensor(rewards),
                    group_ids=torch.arange(len(examples)).repeat_interleave(G),
-                   texts=[{"attempt": y, "reward": r} for y, r in zip(attempts, rewards)])
+                   texts=[{"attempt": y, "reward": r} for y, r in zip(attempts, rewards)],
+                   sampled_tokens=sum(len(s.ids) for s in samples))
 
 
 def collect_failures(model, tok, task, examples: list[dict], attempts: int, max_per_example: int, max_new_tokens: int,

@@ -274,3 +274,23 @@ def test_final_evaluation_equals_sample_eval_on_the_exported_model(tiny_dir, toy
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert (ev["n"], ev["first"]["accuracy"], ev["second"]["accuracy"]) == (row["eval_n"], row["eval_first"],
                                                                          row["eval_second"])
+
+
+@pytest.mark.parametrize("method", ["grpo", "r3_retry"])
+def test_each_method_trains_and_reports_its_sampled_tokens(tiny_dir, toy, tmp_path, method):
+    """--method=grpo trains on the training queries (no failure set is built or read); r3_retry on the same
+    failures as r3. Both update the policy through the same GRPO step and log the tokens they sampled."""
+    kw = {"failures": ""} if method == "grpo" else {}
+    train.main(_cfg(tiny_dir, toy, tmp_path / method, method=method, train_examples=6, **kw))
+    rows = _metrics(tmp_path / method)
+    assert [r["step"] for r in rows] == [1, 2] and any(not r.get("skipped") for r in rows)
+    assert all(r["sampled_tokens"] > 0 for r in rows)
+    if method == "grpo":
+        assert not (tmp_path / method / "failures.jsonl").exists(), "grpo built a failure set"
+    start, final = train_load(tiny_dir), train_load(tmp_path / method / "final")
+    assert any(not torch.equal(start[k], final[k]) for k in start)
+
+
+def test_grpo_method_refuses_a_failures_file(tiny_dir, toy, tmp_path):
+    with pytest.raises(train.UserError, match="--failures=.*grpo trains on the queries"):
+        train.main(_cfg(tiny_dir, toy, tmp_path / "run", method="grpo"))
