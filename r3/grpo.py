@@ -59,7 +59,9 @@ def shared_prefix_logprobs(model, ids: torch.Tensor, pos: torch.Tensor, mask: to
     those tokens and positions there (ValueError otherwise). Row r's suffix is ids[r, s_g-1 : e_r] with
     e_r its last masked position + 1: it starts with the context's last token, whose hidden state
     predicts the first masked token, so the usual shift by one works inside the suffix. Tokens after
-    e_r cannot change a masked log-prob (attention is causal) and are not computed.
+    e_r cannot change a masked log-prob (attention is causal) and are not computed. When the packed
+    tokens (Gn * Tc contexts + B * Ts suffixes, both padded) would outnumber the B * T of the rows, it
+    runs `sequence_logprobs` instead, so it never processes more tokens than the per-row path.
     """
     B, T = ids.shape
     G, Gn = group_size, B // group_size
@@ -76,7 +78,8 @@ def shared_prefix_logprobs(model, ids: torch.Tensor, pos: torch.Tensor, mask: to
     Tc = int(ctx_len.max())
     ctx_ids, ctx_pos = ids[::G, :Tc], pos[::G, :Tc]  # (Gn, Tc)
     shared = (col[:Tc] < ctx_len[:, None]).repeat_interleave(G, 0)  # (B, Tc)
-    differs = ((ids[:, :Tc] != ctx_ids.repeat_interleave(G, 0)) | (pos[:, :Tc] != ctx_pos.repeat_interleave(G, 0))) & shared
+    differs = (ids[:, :Tc] != ctx_ids.repeat_interleave(G, 0)) | (pos[:, :Tc] != ctx_pos.repeat_interleave(G, 0))
+    differs &= shared
     if differs.any():
         r, t = (int(x) for x in differs.nonzero()[0])
         raise ValueError(f"shared-prefix log-probs: row {r} differs from row {r - r % G} (the first of its group of "
@@ -86,6 +89,8 @@ def shared_prefix_logprobs(model, ids: torch.Tensor, pos: torch.Tensor, mask: to
     start = s.repeat_interleave(G) - 1  # (B,) each suffix starts at its context's last token
     n = torch.clamp(last + 1 - start, min=1)  # (B,) suffix lengths
     Ts = int(n.max())
+    if Gn * Tc + B * Ts > B * T:  # very uneven groups (or G = 1): the padded packing would outgrow the rows
+        return sequence_logprobs(model, ids, pos, mask, temperature)
     idx = torch.clamp(start[:, None] + col[:Ts], max=T - 1)  # (B, Ts) source column of each suffix token
     real = col[:Ts] < n[:, None]  # (B, Ts)
     suf_ids, suf_pos = ids.gather(1, idx), pos.gather(1, idx)

@@ -183,7 +183,8 @@ def shared_prefix_attention(q, k, v, prefix: SharedPrefix, gqa: bool) -> torch.T
     v_all = torch.cat([vc.index_select(0, group), vr], dim=2)
     sees_ctx = torch.arange(Tc, device=q.device) < prefix.lengths.index_select(0, group)[:, None]  # (N, Tc)
     causal = torch.ones(Ts, Ts, dtype=torch.bool, device=q.device).tril()  # (Ts, Ts)
-    mask = torch.cat([sees_ctx[:, None].expand(N, Ts, Tc), causal.expand(N, Ts, Ts)], dim=2)[:, None]  # (N, 1, Ts, Tc + Ts)
+    mask = torch.cat([sees_ctx[:, None].expand(N, Ts, Tc), causal.expand(N, Ts, Ts)], dim=2)  # (N, Ts, Tc + Ts)
+    mask = mask[:, None]  # (N, 1, Ts, Tc + Ts): the same for every head
     yr = F.scaled_dot_product_attention(qr, k_all, v_all, attn_mask=mask, enable_gqa=gqa)  # (N, Hq, Ts, D)
     return torch.cat([yc.transpose(0, 1).flatten(1, 2), yr.transpose(0, 1).flatten(1, 2)], dim=1)[None]  # (1, Hq, L, D)
 

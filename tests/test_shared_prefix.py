@@ -76,7 +76,8 @@ def test_shared_prefix_update_equals_per_row(family, G, beta):
         lp = max(rel(a, b) for a, b in zip(got["logp"], want["logp"]))
         loss = abs(got["loss"] - want["loss"]) / abs(want["loss"])
         grad, name = max((rel(got["grads"][n], g), n) for n, g in want["grads"].items())
-        print(f"epoch {epoch}: grad norm {want['grad_norm']:.3g}, rel diff log-probs {lp:.1e}, loss {loss:.1e}, worst gradient {grad:.1e} ({name})")
+        print(f"epoch {epoch}: grad norm {want['grad_norm']:.3g}, rel diff log-probs {lp:.1e}, loss {loss:.1e}, "
+              f"worst gradient {grad:.1e} ({name})")
         assert lp <= TOL and loss <= TOL and grad <= TOL
     second = runs[False][1]
     assert second["loss"] != runs[False][0]["loss"] and second["grad_norm"] > 0  # a changed policy, still learning
