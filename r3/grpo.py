@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from kernels.logprobs import token_logprobs
+from r3.model import SharedPrefix
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
@@ -46,6 +47,63 @@ def sequence_logprobs(model, ids: torch.Tensor, pos: torch.Tensor, mask: torch.T
     out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     lp = token_logprobs(hidden[:, :-1], model.lm_head.weight, ids[:, 1:], mask[:, 1:].bool(), temperature)
     out[:, 1:] = lp  # (B, T-1) -> aligned with the token it scores
+    return out
+
+
+def shared_prefix_logprobs(model, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, group_size: int,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """`sequence_logprobs` with each group's context encoded once: the same (B, T) float32 result (0 where
+    mask is 0) and the same gradients, from about a third of the tokens on R3's batches.
+
+    ids, pos, mask: (B, T), rows group-major (group g = rows g*G .. g*G+G-1), right padded. The split is
+    read from (ids, mask, G) alone: s_g = the group's first masked position (over positions >= 1; a group
+    with no masked token has s_g = 1); the context is ids[g*G, :s_g-1] and every row must hold exactly
+    those tokens and positions there (ValueError otherwise). Row r's suffix is ids[r, s_g-1 : e_r] with
+    e_r its last masked position + 1: it starts with the context's last token, whose hidden state
+    predicts the first masked token, so the usual shift by one works inside the suffix. Tokens after
+    e_r cannot change a masked log-prob (attention is causal) and are not computed. When the packed
+    tokens (Gn * Tc contexts + B * Ts suffixes, both padded) would outnumber the B * T of the rows, it
+    runs `sequence_logprobs` instead, so it never processes more tokens than the per-row path.
+    """
+    B, T = ids.shape
+    G, Gn = group_size, B // group_size
+    if B % G:
+        raise ValueError(f"shared-prefix log-probs: {B} rows is not a whole number of groups of {G}")
+    m = mask.bool().clone()
+    m[:, 0] = False  # token 0 has no predictor (sequence_logprobs gives it 0 too)
+    col = torch.arange(T, device=ids.device)
+    first = torch.where(m, col, T).min(dim=1).values  # (B,) first masked position, T if none
+    last = torch.where(m, col, -1).max(dim=1).values  # (B,) last masked position, -1 if none
+    s = first.view(Gn, G).min(dim=1).values  # (Gn,)
+    s = torch.where(s == T, 1, s)
+    ctx_len = s - 1  # (Gn,) tokens shared by the whole group
+    Tc = int(ctx_len.max())
+    ctx_ids, ctx_pos = ids[::G, :Tc], pos[::G, :Tc]  # (Gn, Tc)
+    shared = (col[:Tc] < ctx_len[:, None]).repeat_interleave(G, 0)  # (B, Tc)
+    differs = (ids[:, :Tc] != ctx_ids.repeat_interleave(G, 0)) | (pos[:, :Tc] != ctx_pos.repeat_interleave(G, 0))
+    differs &= shared
+    if differs.any():
+        r, t = (int(x) for x in differs.nonzero()[0])
+        raise ValueError(f"shared-prefix log-probs: row {r} differs from row {r - r % G} (the first of its group of "
+                         f"{G}) at position {t}, before the group's first masked token at {int(s[r // G])}; rows must "
+                         f"be group-major with group_size={G} and share everything before the mask (or turn "
+                         f"shared_prefix off)")
+    start = s.repeat_interleave(G) - 1  # (B,) each suffix starts at its context's last token
+    n = torch.clamp(last + 1 - start, min=1)  # (B,) suffix lengths
+    Ts = int(n.max())
+    if Gn * Tc + B * Ts > B * T:  # very uneven groups (or G = 1): the padded packing would outgrow the rows
+        return sequence_logprobs(model, ids, pos, mask, temperature)
+    idx = torch.clamp(start[:, None] + col[:Ts], max=T - 1)  # (B, Ts) source column of each suffix token
+    real = col[:Ts] < n[:, None]  # (B, Ts)
+    suf_ids, suf_pos = ids.gather(1, idx), pos.gather(1, idx)
+    suf_mask = m.gather(1, idx) & real  # (B, Ts)
+    prefix = SharedPrefix(ctx_ids, ctx_pos, ctx_len, G)
+    hidden = model(suf_ids, suf_pos, return_hidden=True, prefix=prefix)  # (B, Ts, H)
+    lp = token_logprobs(hidden[:, :-1], model.lm_head.weight, suf_ids[:, 1:], suf_mask[:, 1:], temperature)
+    out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    sel = suf_mask[:, 1:]  # (B, Ts-1) the masked tokens, each once (padding repeats column T-1: not selected)
+    rows = torch.arange(B, device=ids.device)[:, None].expand(B, Ts - 1)
+    out[rows[sel], idx[:, 1:][sel]] = lp[sel]
     return out
 
 

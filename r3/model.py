@@ -9,6 +9,8 @@ The forward takes token ids and explicit positions (B, T); positions only feed R
 cache attention is causal over the T tokens given (right padding is therefore harmless to the real
 tokens). With a cache, every layer writes its keys/values into the cache and attends over the cache
 slots the cache says are visible (see `KVCache` below; the sampler owns the concrete cache).
+With a `SharedPrefix` (GRPO's update: G rows that continue one context) each context is encoded once
+and every row attends to its group's context keys/values (see `shared_prefix_attention`).
 
 It does not: sample (sampler.py), compute log-probs (grpo.py / kernels/), load weights (checkpoint.py),
 or implement sliding-window attention, MoE or any other family.
@@ -42,6 +44,20 @@ class KVCache(Protocol):
     def attn_mask(self, pos: torch.Tensor) -> torch.Tensor: ...
 
     def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Contexts that groups of rows continue: `forward(ids, pos, prefix=SharedPrefix(...))` with ids, pos
+    (N, Ts) the rows, group-major (rows g*G .. g*G+G-1 continue context g, N = Gn * G).
+
+    ids, pos: (Gn, Tc) the contexts, right padded; lengths: (Gn,) real tokens of each (0 is allowed).
+    The rows' positions should continue their context's (pos[g, lengths[g] - 1] + 1 onwards).
+    """
+    ids: torch.Tensor  # (Gn, Tc) int64
+    pos: torch.Tensor  # (Gn, Tc) int64
+    lengths: torch.Tensor  # (Gn,) int64
+    group_size: int  # G rows per context
 
 
 @dataclass
@@ -136,6 +152,43 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def shared_prefix_attention(q, k, v, prefix: SharedPrefix, gqa: bool) -> torch.Tensor:
+    """Attention over a packed stream: the Gn contexts (Gn * Tc tokens), then the N rows (N * Ts tokens).
+
+    q: (1, Hq, L, D), k, v: (1, Hkv, L, D) with L = Gn*Tc + N*Ts -> (1, Hq, L, D).
+    Shared: each context's keys/values are computed once (one projection per context token) and every row
+    of its group attends to them; gradients from the G rows are summed back into them by autograd (the
+    backward of `index_select`). Not shared: each row's own tokens (its queries, keys, values, MLP).
+    Contexts attend causally to themselves; a row's query at step j attends to [its context's real
+    tokens (not the padding beyond `lengths`), the row's tokens 0..j]: exactly what the full row
+    (context + row tokens) sees under causal attention, so outputs equal the per-row forward's.
+
+    NOTE: for the one SDPA call each row gets its own copy of its context's keys/values (the same
+    (N, Hkv, Tc + Ts, D) a per-row forward holds), and that call takes an explicit mask, so it runs SDPA's
+    masked kernels rather than the causal fast path; a variable-length kernel that reads one context
+    from G rows in place (as Prefix Grouper does) would save both.
+    """
+    Gn, Tc = prefix.ids.shape
+    N = Gn * prefix.group_size
+    Ts = (q.shape[2] - Gn * Tc) // N
+
+    def split(x):  # (1, h, L, D) -> contexts (Gn, h, Tc, D), rows (N, h, Ts, D)
+        c, r = x[0].split([Gn * Tc, N * Ts], dim=1)
+        return c.unflatten(1, (Gn, Tc)).transpose(0, 1), r.unflatten(1, (N, Ts)).transpose(0, 1)
+
+    (qc, qr), (kc, kr), (vc, vr) = split(q), split(k), split(v)
+    yc = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=gqa)  # (Gn, Hq, Tc, D)
+    group = torch.arange(N, device=q.device) // prefix.group_size  # (N,) the context of each row
+    k_all = torch.cat([kc.index_select(0, group), kr], dim=2)  # (N, Hkv, Tc + Ts, D)
+    v_all = torch.cat([vc.index_select(0, group), vr], dim=2)
+    sees_ctx = torch.arange(Tc, device=q.device) < prefix.lengths.index_select(0, group)[:, None]  # (N, Tc)
+    causal = torch.ones(Ts, Ts, dtype=torch.bool, device=q.device).tril()  # (Ts, Ts)
+    mask = torch.cat([sees_ctx[:, None].expand(N, Ts, Tc), causal.expand(N, Ts, Ts)], dim=2)  # (N, Ts, Tc + Ts)
+    mask = mask[:, None]  # (N, 1, Ts, Tc + Ts): the same for every head
+    yr = F.scaled_dot_product_attention(qr, k_all, v_all, attn_mask=mask, enable_gqa=gqa)  # (N, Hq, Ts, D)
+    return torch.cat([yc.transpose(0, 1).flatten(1, 2), yr.transpose(0, 1).flatten(1, 2)], dim=1)[None]  # (1, Hq, L, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -146,13 +199,15 @@ class Attention(nn.Module):
         # Qwen2 has biases on q/k/v only; Llama's attention_bias covers o_proj too.
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.attention_bias and cfg.family == "llama")
 
-    def forward(self, x, cos, sin, pos, kv_cache=None, mask=None):
+    def forward(self, x, cos, sin, pos, kv_cache=None, mask=None, prefix=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, Hq, T, D)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if kv_cache is not None:
+        if prefix is not None:  # x is the packed stream of contexts and rows (see Transformer.forward)
+            y = shared_prefix_attention(q, k, v, prefix, self.nkv != self.nh)
+        elif kv_cache is not None:
             k, v = kv_cache.update(self.layer, pos, k, v)  # (B, Hkv, S, D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
         elif flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
@@ -180,8 +235,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pos, kv_cache=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, kv_cache, mask)
+    def forward(self, x, cos, sin, pos, kv_cache=None, mask=None, prefix=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, kv_cache, mask, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -205,12 +260,24 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, prefix: SharedPrefix | None = None) -> torch.Tensor:
         """ids, pos: (B, T) int64 -> logits (B, T, V) in the model dtype, or the final-normed hidden
-        states (B, T, H) when `return_hidden` (the input of `lm_head`, for log-probs without [B, T, V])."""
+        states (B, T, H) when `return_hidden` (the input of `lm_head`, for log-probs without [B, T, V]).
+
+        With `prefix`, the B rows continue the prefix's contexts (B = Gn * G, group-major) and the output
+        is that of the full rows (context + row) at the row tokens only; the contexts are encoded once.
+        """
         B, T = ids.shape
         if pos is None:
             pos = torch.arange(T, device=ids.device).expand(B, T)
+        if prefix is not None:  # one packed stream (1, L): the contexts' tokens, then the rows' tokens
+            Gn, Tc = prefix.ids.shape
+            if kv_cache is not None:
+                raise ValueError("forward: a shared prefix and a KV cache cannot be combined")
+            if B != Gn * prefix.group_size:
+                raise ValueError(f"forward: {B} rows do not continue {Gn} contexts in groups of {prefix.group_size}")
+            ids = torch.cat([prefix.ids.reshape(-1), ids.reshape(-1)])[None]  # (1, L), L = Gn*Tc + B*T
+            pos = torch.cat([prefix.pos.reshape(-1), pos.reshape(-1)])[None]
         x = self.model.embed_tokens(ids)  # (B, T, H)
         inv_freq = rope_inv_freq(self.config, ids.device)
         freqs = pos.float()[..., None] * inv_freq  # (B, T, D/2), fp32 as in HF
@@ -218,6 +285,8 @@ class Transformer(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = kv_cache.attn_mask(pos) if kv_cache is not None else None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, pos, kv_cache, mask)
+            x = layer(x, cos, sin, pos, kv_cache, mask, prefix)
+        if prefix is not None:
+            x = x[:, Gn * Tc:].view(B, T, -1)  # (B, T, H): the rows only
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)

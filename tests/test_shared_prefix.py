@@ -1,0 +1,154 @@
+"""The shared-prefix forward (issue 13) computes what the per-row forward computes.
+
+Claims, each against the per-row path (`Transformer.forward` on whole rows, `sequence_logprobs`) as the
+independent reference, in fp32 within 1e-5 relative:
+- rows that continue a shared context give the full rows' logits (tiny Llama with GQA, tiny Qwen2 with
+  q/k/v biases; contexts of different lengths, one of them empty);
+- `shared_prefix_logprobs` and a GRPO update built on it give the same log-probs, losses and every
+  parameter's gradient, for G in {1, 2, 8}, beta > 0 and beta = 0, over two PPO epochs (the second
+  after an optimizer step);
+- the same under FSDP2 with 2 ranks (torchrun) and in 1 process (slow);
+- on the default model, a real countdown_easy batch gives equal losses (slow).
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ours_from_hf, tiny_hf_model
+from r3.grpo import grpo_loss, sequence_logprobs, shared_prefix_logprobs
+from r3.model import SharedPrefix
+from shared_prefix_worker import group_batch, local_update
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b| (b the reference)."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rows_continuing_a_shared_context_equal_full_rows(family):
+    torch.manual_seed(0)
+    model = ours_from_hf(tiny_hf_model(family, tied=family == "llama", gqa=family == "llama"))
+    G, lengths, Ts = 3, [5, 0, 11], 7
+    Tc = max(lengths)
+    ctx = torch.randint(0, 128, (len(lengths), Tc))
+    rows = torch.randint(0, 128, (len(lengths) * G, Ts))
+    full = [torch.cat([ctx[r // G, :lengths[r // G]], rows[r]]) for r in range(len(rows))]  # each row as one sequence
+    suf_pos = torch.tensor([[lengths[r // G] + j for j in range(Ts)] for r in range(len(rows))])
+    prefix = SharedPrefix(ctx, torch.arange(Tc).expand(len(lengths), Tc), torch.tensor(lengths), G)
+    with torch.no_grad():
+        got = model(rows, suf_pos, prefix=prefix)  # (N, Ts, V)
+        for r, seq in enumerate(full):
+            want = model(seq[None])[0, -Ts:]  # (Ts, V): the full row's logits at the row tokens
+            assert rel(got[r], want) <= TOL, f"row {r}: rel diff {rel(got[r], want):.2e}"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("G", [1, 2, 8])
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_shared_prefix_update_equals_per_row(family, G, beta):
+    """Two PPO epochs of the GRPO update (micro-batches of whole groups): log-probs, loss and every
+    parameter's gradient of each epoch equal the per-row update's. Worst differences are printed."""
+    hf = tiny_hf_model(family, tied=family == "llama", gqa=True, seed=1)
+    policy = ours_from_hf(hf).train()
+    ref = copy.deepcopy(policy)
+    with torch.no_grad():  # a reference that differs, so the KL term is not zero
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    groups = 3 if G < 8 else 2
+    batch = group_batch(groups, G, T=32, vocab=128, seed=G)
+    runs = {}
+    for shared in (False, True):
+        pol = copy.deepcopy(policy)
+        opt = torch.optim.SGD(pol.parameters(), lr=0.05)  # not Adam: it turns round-off in ~0 gradients into +-lr steps
+        runs[shared] = local_update(pol, ref, batch, opt, micro_batch=2 * G, ppo_epochs=2, temperature=0.7, beta=beta,
+                                    clip_eps=0.2, grad_clip=1.0, group_size=G, shared=shared, keep_grads=True)
+    for epoch, (want, got) in enumerate(zip(runs[False], runs[True])):
+        lp = max(rel(a, b) for a, b in zip(got["logp"], want["logp"]))
+        loss = abs(got["loss"] - want["loss"]) / abs(want["loss"])
+        grad, name = max((rel(got["grads"][n], g), n) for n, g in want["grads"].items())
+        print(f"epoch {epoch}: grad norm {want['grad_norm']:.3g}, rel diff log-probs {lp:.1e}, loss {loss:.1e}, "
+              f"worst gradient {grad:.1e} ({name})")
+        assert lp <= TOL and loss <= TOL and grad <= TOL
+    second = runs[False][1]
+    assert second["loss"] != runs[False][0]["loss"] and second["grad_norm"] > 0  # a changed policy, still learning
+
+
+def test_rows_that_differ_before_the_mask_are_refused():
+    model = ours_from_hf(tiny_hf_model("llama"))
+    batch = group_batch(2, 2, T=20, vocab=128, seed=0)
+    ids = batch["ids"].clone()
+    ids[3, 2] = (ids[3, 2] + 1) % 128  # row 3 (group 1) leaves its context before the reflection
+    with pytest.raises(ValueError, match="row 3 differs from row 2 .* at position 2"):
+        shared_prefix_logprobs(model, ids, batch["pos"], batch["mask"], 2)
+
+
+def test_mask_on_attempt_and_retry_takes_the_prefix_before_the_first_masked_token():
+    """The same function serves a plain-GRPO batch (mask on the attempt) and a mask over reflection + retry
+    with a gap: the prefix ends before the FIRST masked token, gaps inside the suffix are just unscored."""
+    model = ours_from_hf(tiny_hf_model("qwen2"))
+    batch = group_batch(3, 4, T=32, vocab=128, seed=5)
+    mask = batch["mask"].clone()
+    for r in range(mask.shape[0]):
+        last = int(mask[r].nonzero().max())
+        mask[r, last + 2:last + 5] = True  # a second masked span after an unmasked gap
+    with torch.no_grad():
+        want = sequence_logprobs(model, batch["ids"], batch["pos"], mask)
+        got = shared_prefix_logprobs(model, batch["ids"], batch["pos"], mask, 4)
+    assert (got[~mask] == 0).all() and rel(got, want) <= TOL, f"rel diff {rel(got, want):.2e}"
+
+
+def _worker(nproc):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
+           else [sys.executable]) + [str(ROOT / "tests" / "shared_prefix_worker.py")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=os.environ | {"PYTHONFAULTHANDLER": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+
+
+@pytest.mark.slow
+def test_fsdp2_two_ranks_shared_equals_per_row_and_one_process():
+    one, two = _worker(1), _worker(2)
+    print(f"1 process {one}\n2 ranks {two}")
+    want = one["rows"]
+    for name, run in (("1 process shared", one["shared"]), ("2 ranks per-row", two["rows"]),
+                      ("2 ranks shared", two["shared"])):
+        for epoch, (a, b) in enumerate(zip(run, want)):
+            for k in ("loss", "grad_norm"):
+                assert abs(a[k] - b[k]) <= TOL * abs(b[k]), f"{name} epoch {epoch} {k}: {a[k]!r} vs per-row {b[k]!r}"
+
+
+@pytest.mark.slow
+def test_default_model_equal_losses_on_a_countdown_batch(default_dir, default_tok):
+    """SmolLM2-135M on a real R3 batch (countdown_easy, rendered as the main job renders it): two groups
+    of 4 reflections of different lengths; shared-prefix and per-row give the same log-probs and loss."""
+    from r3.checkpoint import load_hf
+    from r3.rollout import build_batch, reflection_context
+    from r3.tasks import get_task
+
+    task = get_task("countdown_easy")
+    examples = task.examples("train")[:2]
+    reflections = ["I added instead of subtracting.", "Wrong.", "The answer must use each number once, so I should "
+                   "check which operation reaches the target before writing the equation.", "Use 7 + 13."]
+    convs = [reflection_context(task, ex, "<answer>1 + 2</answer>") + [{"role": "assistant", "content": r}]
+             for ex in examples for r in reflections]
+    ids, pos, mask = build_batch(default_tok, convs, default_tok.pad_token_id)
+    model = load_hf(default_dir)
+    adv = torch.randn(len(convs), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = sequence_logprobs(model, ids, pos, mask)
+        got = shared_prefix_logprobs(model, ids, pos, mask, len(reflections))
+    loss = [float(grpo_loss(lp, lp + 0.1, None, adv, mask, 0.0, 0.2, float(mask.sum()))[0]) for lp in (want, got)]
+    print(f"{tuple(ids.shape)} batch, {int(mask.sum())} masked tokens: log-probs rel diff {rel(got, want):.1e}, "
+          f"loss per-row {loss[0]:.8f} shared {loss[1]:.8f}")
+    assert rel(got, want) <= TOL and abs(loss[1] - loss[0]) <= TOL * abs(loss[0]), (rel(got, want), loss)
