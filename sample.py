@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from r3.checkpoint import load_hf, read_config, resolve_model
+from r3.checkpoint import load_model, read_config, resolve_model
 from r3.cli import parse_flags
 from r3.errors import UserError
 from r3.evaluate import two_try_eval, wilson
@@ -87,10 +87,7 @@ def check_config(cfg: SampleConfig, job: str):
 
 
 def _load(cfg: SampleConfig):
-    from transformers import AutoTokenizer
-
-    path = resolve_model(cfg.model)
-    return load_hf(path), AutoTokenizer.from_pretrained(path)
+    return load_model(cfg.model)[1:]
 
 
 # ----------------------------------------------------------------------------- jobs

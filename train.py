@@ -7,15 +7,15 @@ One training step, numbered in `main` as PAPER.md section 3 numbers it: take a b
 G reflections per failure, retry once after each, reward the retries that succeed; 5 group advantages; 6-9
 one GRPO update on the reflection tokens only (r3.grpo.update). The failure set is built at start from the
 step-0 policy unless --failures gives one; --refresh_failures_every rebuilds it from the current policy (the
-paper keeps it fixed). Departures from the paper, all options: token-level loss normalisation over the global
-batch (TRL's "dapo"/"bnpo"); a reflection cut off at --max_reflection_tokens is closed with an end-of-turn
-token it never sampled, and that token is trained (r3/rollout.py). --method=grpo (plain GRPO: G first attempts per
-training query, loss on the attempts) and r3_retry (loss on reflections and retries) are the baselines.
+paper keeps it fixed). Baselines: --method=grpo (plain GRPO, G first attempts per training query, loss on the
+attempts) and r3_retry (loss on reflections and retries). Departures from the paper, all options: token-level
+loss normalisation over the global batch (TRL's "dapo"); a reflection cut off at --max_reflection_tokens gets an
+end-of-turn token it never sampled, and it is trained (r3/rollout.py).
 
 Outputs under --out_dir: failures.jsonl, metrics.jsonl (a row per step), samples.jsonl (one group's texts
-per step), metrics.png, checkpoints/step_NNNNNN (DCP, atomic), final/ (an HF model directory). A run
-resumes from the newest checkpoint and cuts metrics.jsonl and samples.jsonl back to its step; without one
-it starts every output anew. Ctrl-C or SIGTERM ends with one line naming the newest checkpoint (exit 130).
+per step), metrics.png, checkpoints/step_NNNNNN (DCP, atomic), final/ (an HF model directory). A run resumes
+from the newest checkpoint and cuts metrics.jsonl and samples.jsonl back to its step; without one it starts
+every output anew. Ctrl-C or SIGTERM ends with one line naming the newest checkpoint (exit 130).
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from r3 import dist
-from r3.checkpoint import (check_resumable, full_state_dict, latest_checkpoint, load_checkpoint, load_hf, read_config,
-                           resolve_model, save_checkpoint, save_hf, step_seed)
+from r3.checkpoint import (check_resumable, full_state_dict, latest_checkpoint, load_checkpoint, load_hf, load_model,
+                           read_config, save_checkpoint, save_hf, step_seed)
 from r3.cli import parse_flags
 from r3.errors import UserError
 from r3.evaluate import two_try_eval
@@ -77,6 +77,7 @@ class TrainConfig:
     clip_eps: float = 0.2  # PPO/GRPO ratio clip
     ppo_epochs: int = 1  # optimisation passes over each batch (the ratio is 1 on the first)
     adv_scale: str = "group"  # "group": divide advantages by the group std; "none": only centre them
+    shared_prefix: bool = True  # update: encode each group's shared context once (false: every row whole; same numbers)
     # bookkeeping
     eval_every: int = 0  # held-out +reflection second-try evaluation every N steps (0: only at the end)
     eval_examples: int = 64  # held-out examples per evaluation (0: no evaluation)
@@ -87,7 +88,8 @@ class TrainConfig:
 
 
 # Fields that may change on resume; everything else must match the checkpoint.
-RESUMABLE_CHANGES = {"steps", "eval_every", "eval_examples", "save_every", "keep_checkpoints", "threads", "failures"}
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_examples", "save_every", "keep_checkpoints", "threads", "failures",
+                     "shared_prefix"}
 
 
 def config_rules(c: TrainConfig, world: int) -> dict[str, tuple[bool, str]]:
@@ -104,7 +106,8 @@ def config_rules(c: TrainConfig, world: int) -> dict[str, tuple[bool, str]]:
                               f">= 1 and divisible by the {world} ranks"),
         "top_p": (0 < c.top_p <= 1, "in (0, 1]"), "lr": (c.lr > 0, "> 0"), "grad_clip": (c.grad_clip > 0, "> 0"),
         "clip_eps": (c.clip_eps > 0, "> 0"), "adv_scale": (c.adv_scale in ("group", "none"), "'group' or 'none'"),
-        "method": (c.method in METHODS + ("grpo",), f"one of {', '.join(METHODS + ('grpo',))}")}
+        "method": (c.method in METHODS + ("grpo",), f"one of {', '.join(METHODS + ('grpo',))}"),
+        "shared_prefix": (isinstance(c.shared_prefix, bool), "true or false")}
 
 
 def check_config(cfg: TrainConfig, world: int):
@@ -173,16 +176,6 @@ def sample_groups(policy, tok, task, cfg: TrainConfig, mine: list[dict], seed: i
                        cfg.temperature, cfg.retry_temperature, cfg.top_p, seed, method=cfg.method)
 
 
-def load_models(cfg: TrainConfig, device):
-    """The policy, its tokenizer, and the frozen reference (None when beta is 0), all from --model."""
-    from transformers import AutoTokenizer  # here, not at the top: --help and flag errors stay quick
-
-    model_dir = resolve_model(cfg.model)
-    policy = load_hf(model_dir, device, torch.float32)
-    ref = load_hf(model_dir, device, torch.float32).requires_grad_(False) if cfg.beta > 0 else None
-    return model_dir, policy, AutoTokenizer.from_pretrained(model_dir), ref
-
-
 def main(cfg: TrainConfig) -> None:
     t_start = time.time()
     rank, world, device = dist.init()
@@ -195,7 +188,8 @@ def main(cfg: TrainConfig) -> None:
     if ckpt is not None:
         check_resumable(ckpt, dataclasses.asdict(cfg) | {"world_size": world}, RESUMABLE_CHANGES)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
-    model_dir, policy, tok, ref = load_models(cfg, device)
+    model_dir, policy, tok = load_model(cfg.model, device)
+    ref = load_hf(model_dir, device).requires_grad_(False) if cfg.beta > 0 else None  # frozen step-0 policy (KL)
 
     # the failure set: given, in the checkpoint (on resume), or built now from the step-0 policy
     failures = given if ckpt is not None else first_failures(policy, tok, task, cfg, out, given, rank, world)
@@ -241,7 +235,8 @@ def main(cfg: TrainConfig) -> None:
                           "advantages": adv.to(device)}
                 row.update(update(policy, ref, to_dev, opt, micro_batch=cfg.micro_batch, ppo_epochs=cfg.ppo_epochs,
                                   temperature=cfg.temperature, beta=cfg.beta, clip_eps=cfg.clip_eps,
-                                  grad_clip=cfg.grad_clip, world=world))
+                                  grad_clip=cfg.grad_clip, world=world, group_size=cfg.group_size,
+                                  shared_prefix=cfg.shared_prefix))
                 sched.step()
             step += 1
             row.update(rollout_s=round(t_rollout, 2), step_s=round(time.time() - t0, 2))

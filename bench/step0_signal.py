@@ -21,9 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
-from r3.checkpoint import load_hf, resolve_model  # noqa: E402
+from r3.checkpoint import load_model  # noqa: E402
 from r3.grpo import rollout_stats  # noqa: E402
 from r3.rollout import collect_failures, rollout  # noqa: E402
 from r3.tasks import task_from_flags  # noqa: E402
@@ -47,8 +46,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = resolve_model("default")
-    model, tok = load_hf(path), AutoTokenizer.from_pretrained(path)
+    _, model, tok = load_model("default")
     results = []
     for cand in args.candidates.split(";"):
         name, _, opts = cand.partition(":")

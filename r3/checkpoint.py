@@ -114,6 +114,14 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     return model.eval()
 
 
+def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A script's --model ("default" or an HF directory) -> (its directory, our Transformer, its tokenizer)."""
+    from transformers import AutoTokenizer  # here, not at the top: --help and flag errors stay quick
+
+    path = resolve_model(name)
+    return path, load_hf(path, device, dtype), AutoTokenizer.from_pretrained(path)
+
+
 def save_hf(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
             state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` as an HF directory, atomically (temp dir + rename). `state_dict` overrides the

@@ -18,6 +18,8 @@ It does not: sample (rollout.py), schedule the learning rate or decide when to s
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kernels.logprobs import token_logprobs
@@ -142,11 +144,22 @@ def rollout_stats(rewards: torch.Tensor, group_size: int, mask: torch.Tensor) ->
 
 
 def update(policy, ref, batch: dict, opt, *, micro_batch: int, ppo_epochs: int, temperature: float, beta: float,
-           clip_eps: float, grad_clip: float, world: int = 1) -> dict:
+           clip_eps: float, grad_clip: float, world: int = 1, group_size: int = 1, shared_prefix: bool = False) -> dict:
     """One optimizer step of GRPO (PAPER.md section 3, steps 6-9) on this rank's share of the batch:
-    ids, pos, mask (N, T) and advantages (N,). All ranks take part with the same number of micro-batches
-    (FSDP collectives must match). Returns loss, kl, clip_frac, grad_norm, tokens (global figures)."""
+    ids, pos, mask (N, T) and advantages (N,), rows group-major (group_size rows per group). All ranks take
+    part with the same number of micro-batches (FSDP collectives must match). With `shared_prefix`, every
+    forward (old, reference, policy) encodes each group's context once (`shared_prefix_logprobs`); a
+    micro-batch that splits a group treats its part of the group (gcd(micro_batch, G) rows) as a group,
+    so no micro-batch holds more rows than `micro_batch`. Returns loss, kl, clip_frac, grad_norm, tokens
+    (global figures)."""
     from r3 import dist
+
+    sub = math.gcd(micro_batch, group_size)  # rows of one group inside each micro-batch (chunks start at multiples)
+
+    def logprobs(model, i, p, m):
+        if shared_prefix and sub > 1:
+            return shared_prefix_logprobs(model, i, p, m, sub, temperature)
+        return sequence_logprobs(model, i, p, m, temperature)
 
     ids, pos, mask, adv = batch["ids"], batch["pos"], batch["mask"], batch["advantages"]
     n = ids.shape[0]
@@ -159,14 +172,14 @@ def update(policy, ref, batch: dict, opt, *, micro_batch: int, ppo_epochs: int, 
     micro = [trimmed(s) for s in chunks]
     # a. log-probs that do not change during the update: old policy (the ratio, step 8) and reference (KL, step 7)
     with torch.no_grad():
-        old = [sequence_logprobs(policy, *mb, temperature) if ppo_epochs > 1 else None for mb in micro]
-        refs = [sequence_logprobs(ref, *mb, temperature) if ref is not None else None for mb in micro]
+        old = [logprobs(policy, *mb) if ppo_epochs > 1 else None for mb in micro]
+        refs = [logprobs(ref, *mb) if ref is not None else None for mb in micro]
     num_tokens = float(dist.all_reduce_sum(mask.sum().float().clone()))  # reflection tokens, all ranks (step 9)
     # b. loss over micro-batches, gradients accumulated; x world because FSDP averages gradients over ranks
     sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
     for epoch in range(ppo_epochs):
         for s, (i, p, m), o, r in zip(chunks, micro, old, refs):
-            logp = sequence_logprobs(policy, i, p, m, temperature)
+            logp = logprobs(policy, i, p, m)
             loss, st = grpo_loss(logp, o if o is not None else logp.detach(), r, adv[s], m, beta, clip_eps, num_tokens)
             (loss * world).backward()
             if epoch == ppo_epochs - 1:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import r3.checkpoint
 import r3.rollout
 import sample
 from r3.errors import UserError
@@ -160,7 +161,7 @@ def test_each_jobs_help_lists_only_its_flags():
     ("demo", "--max_attempt_tokens=0", "--max_attempt_tokens=0: must be >= 1"),
 ])
 def test_bad_flag_values_end_before_the_model_loads(tiny_dir, toy, monkeypatch, capsys, job, flag, message):
-    monkeypatch.setattr(sample, "load_hf", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(r3.checkpoint, "load_hf", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as e:
         sample.main([job, f"--model={tiny_dir}", "--task=parity", *(["--out=x.jsonl"] if job != "demo" else []), flag])
     err = capsys.readouterr().err

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from r3 import checkpoint as r3_checkpoint
 import train
 from conftest import ParityTask
 from r3.tasks import get_task as real_get_task
@@ -53,8 +54,9 @@ def _metrics(out):
 
 def test_two_steps_change_policy_not_reference(tiny_dir, toy, tmp_path, monkeypatch):
     loaded = []
-    real = train.load_hf
-    monkeypatch.setattr(train, "load_hf", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    real = r3_checkpoint.load_hf
+    for module in (train, r3_checkpoint):  # the policy loads through r3.checkpoint.load_model, the reference here
+        monkeypatch.setattr(module, "load_hf", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
     train.main(_cfg(tiny_dir, toy, tmp_path / "run"))
     rows = _metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
@@ -187,7 +189,8 @@ def test_every_field_is_checked():
 ])
 def test_bad_config_value_is_one_line_before_the_model_loads(tiny_dir, toy, tmp_path, monkeypatch, capsys, flag,
                                                              message):
-    monkeypatch.setattr(train, "load_hf", lambda *a, **k: pytest.fail("a model was loaded"))
+    for module in (train, r3_checkpoint):
+        monkeypatch.setattr(module, "load_hf", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(train.dist, "init", lambda: (0, 2, torch.device("cpu")))  # as under torchrun with 2 ranks
     import r3.tasks
 
@@ -207,7 +210,8 @@ def test_bad_config_value_is_one_line_before_the_model_loads(tiny_dir, toy, tmp_
      r"failures\.jsonl:2: task 'parity' cannot build a prompt"),
 ])
 def test_bad_failure_row_is_one_line_before_the_model_loads(tiny_dir, toy, tmp_path, monkeypatch, capsys, row, message):
-    monkeypatch.setattr(train, "load_hf", lambda *a, **k: pytest.fail("a model was loaded"))
+    for module in (train, r3_checkpoint):
+        monkeypatch.setattr(module, "load_hf", lambda *a, **k: pytest.fail("a model was loaded"))
     toy.write_text(toy.read_text().splitlines()[0] + "\n" + json.dumps(row) + "\n")
     with pytest.raises(SystemExit) as e:
         train.cli(_cli_flags(tiny_dir, toy, tmp_path / "run"))
