@@ -1,12 +1,15 @@
-"""Benchmark: one R3 optimizer step in r3 against the same step in TRL's GRPOTrainer, the paper's setup.
+"""Benchmark: one R3 optimizer step in r3 (shared-prefix update, and per-row) against the same step in TRL's
+GRPOTrainer, the paper's setup.
 
-Both sides get the same model (default SmolLM2-135M-Instruct, fp32, CPU), the same failures in the same
+All sides get the same model (default SmolLM2-135M-Instruct, fp32, CPU), the same failures in the same
 order, and the same group size, temperatures, top-p, reflection and retry lengths, learning rate (constant),
-beta, clip, micro-batch and gradient clipping. Gradient checkpointing is off on both sides.
+beta, clip, micro-batch and gradient clipping. Gradient checkpointing is off on every side.
 
   r3:  train.py's steps 1-9 at world size 1: `rollout` (G reflections per failure, prefix-shared; one retry
        after each; task.verify), `group_advantages`, `update` (reference log-probs, micro-batched loss,
-       clip, AdamW). The update always runs; train.py skips it when every group has zero reward variance.
+       clip, AdamW) with shared_prefix on, as train.py runs it (each group's context encoded once per forward).
+       The update always runs; train.py skips it when every group has zero reward variance.
+  r3_per_row: the same with shared_prefix off (every row forwarded whole): what issue 13's update saves.
   TRL: GRPOTrainer as the paper extended it (PAPER.md section 3): the dataset prompt is the reflection
        context user(task) / assistant(failed attempt) / user(reflection prompt), so the GRPO completion is
        the reflection and the loss covers only its tokens (TRL's completion mask); the reward function
@@ -14,13 +17,17 @@ beta, clip, micro-batch and gradient clipping. Gradient checkpointing is off on 
        assistant(reflection) plus the task's last prompt turn, rendered by the chat template) and calls
        r3's task.verify. GRPOConfig is matched field by field in `trl_config`.
 
-Each side runs in its own process (TRL's with --trl_python, so it may live in its own venv; see
-bench/setup_trl.sh), one warm-up step and then --steps timed steps. Per optimizer step it reports wall
-seconds, split into generation (time inside the generate calls: reflections and retries, each side's own
-sampler) and the rest ("update": reference log-probs, TRL's tokenising/padding, forward/backward,
-optimizer; r3's rendering of the rollout too); and the process's peak RSS (getrusage ru_maxrss: model,
-reference model, optimizer state and everything else the process ever held). Without --failures, the
-failures are built first by a separate process with r3's code (first attempts of the default model).
+Each side runs in its own process, one after the other (r3, r3_per_row, TRL; TRL's with --trl_python, so
+it may live in its own venv; see bench/setup_trl.sh), one warm-up step and then --steps timed steps. Per
+optimizer step it reports wall seconds, split into generation (time inside the generate calls: reflections
+and retries, each side's own sampler) and the rest ("update": reference log-probs, TRL's tokenising/padding,
+forward/backward, optimizer; r3's rendering of the rollout too); and the process's peak RSS (model,
+reference model, optimizer state and everything else the process ever held). Memory of the update itself:
+`update_peak_rss_mib`, the peak RSS of the step outside its generate calls (Linux's high-water mark VmHWM,
+reset through /proc/self/clear_refs when a generate call ends, read when the next starts and at the step's
+end; the maximum over the timed steps), and `update_rss_growth_mib`, that minus the RSS at the step's start.
+Without --failures, the failures are built first by a separate process with r3's code (first attempts of
+the default model).
 
     bash bench/setup_trl.sh                          # once: .venv-trl with trl 1.16.0
     python bench/trl_step.py [--failures=F.jsonl] [--steps=3] [--trl_python=.venv-trl/bin/python] [--json]
@@ -30,10 +37,17 @@ NOTE: TRL's fused LM head (trl/kernels/chunked_logprob.py) scores only the compl
 the LM head and masks afterwards, for the policy and the reference alike. That is part of what its "update"
 time measures here; r3 selects the reflection positions before the LM head on every device.
 
-With --json the last line of stdout is one JSON object with the raw figures of both sides,
-`step_time_ratio` (TRL / r3) and `peak_rss_ratio` (r3 / TRL). The loss itself is cross-checked against TRL's
-in tests/test_trl_crosscheck.py. Sampling differs between the sides (different samplers and RNG streams),
-so reflection and retry lengths differ too: the generated tokens per step are reported next to the times.
+NOTE: RSS counts what the allocator keeps, not what tensors hold: memory freed by generation stays resident
+and the update reuses it, so `update_rss_growth_mib` is a lower bound of the update's activations (the same
+on every side); without a writable /proc/self/clear_refs the update figures are null.
+
+With --json the last line of stdout is one JSON object with the raw figures of each side,
+`step_time_ratio` (TRL / r3, goal >= 3), `peak_rss_ratio` (r3 / TRL, goal <= 0.6), `update_speedup`
+(r3_per_row update seconds / r3 update seconds, goal >= 2.5) and `update_rss_growth_ratio` (r3 /
+r3_per_row, goal <= 1). The loss itself is cross-checked against TRL's in tests/test_trl_crosscheck.py.
+Sampling differs between r3 and TRL (different samplers and RNG streams), so reflection and retry lengths
+differ too: the generated tokens per step are reported next to the times. r3 and r3_per_row sample with
+the same seeds; after the first update their policies differ by round-off, so their samples may too.
 """
 from __future__ import annotations
 
@@ -58,20 +72,75 @@ from r3.tasks import task_from_flags  # noqa: E402
 from train import TrainConfig  # noqa: E402  (its defaults only: the training defaults are the benchmark's)
 
 D = TrainConfig()
-SIDES = ("r3", "trl")
+SIDES = ("r3", "r3_per_row", "trl")
+GOALS = {"step_time_ratio": (">=", 3.0), "peak_rss_ratio": ("<=", 0.6), "update_speedup": (">=", 2.5),
+         "update_rss_growth_ratio": ("<=", 1.0)}
 
 
 # ----------------------------------------------------------------------------- shared by both sides
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class Rss:
+    """Peak resident memory of this process: whole, and per step outside the generate calls.
+
+    Linux keeps one high-water mark (VmHWM, which getrusage's ru_maxrss reports too); writing 5 to
+    /proc/self/clear_refs resets it to the current RSS. Every reading folds the mark into `peak` first, so
+    the process peak survives the resets. Without a writable clear_refs, the step figures are None."""
+
+    def __init__(self):
+        self.peak, self.ok = 0.0, True
+        self.reset()
+
+    @staticmethod
+    def status() -> dict:
+        out = {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line[:5]] = int(line.split()[1]) / 1024  # kB -> MiB
+        return out
+
+    def hwm(self) -> float:
+        h = self.status()["VmHWM"]
+        self.peak = max(self.peak, h)
+        return h
+
+    def reset(self) -> None:
+        self.hwm()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.ok = False
+
+    def step_begin(self) -> None:
+        self.reset()
+        self.base = self.step_peak = self.status()["VmRSS"]
+
+    def generate_begin(self) -> None:  # the step's non-generate peak so far
+        self.step_peak = max(self.step_peak, self.hwm())
+
+    def generate_end(self) -> None:
+        self.reset()
+
+    def step_end(self) -> dict:
+        self.step_peak = max(self.step_peak, self.hwm())
+        ok = self.ok
+        return {"update_peak_rss_mib": round(self.step_peak, 1) if ok else None,
+                "update_rss_growth_mib": round(self.step_peak - self.base, 1) if ok else None}
+
+    def peak_mib(self) -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return round(max(self.peak, self.hwm(), ru), 1)
 
 
 def summary(steps: list[dict]) -> dict:
-    """Means over the timed steps (the first step is the warm-up and is left out)."""
+    """Over the timed steps (the first step is the warm-up and is left out): means, and the maximum of the
+    memory figures (*_mib)."""
     timed = steps[1:] or steps
-    keys = [k for k in timed[0] if isinstance(timed[0][k], (int, float))]
-    return {k: round(sum(s[k] for s in timed) / len(timed), 4) for k in keys}
+    out = {}
+    for k in timed[0]:
+        vals = [s[k] for s in timed if isinstance(s[k], (int, float)) and not isinstance(s[k], bool)]
+        if vals and len(vals) == len(timed):
+            out[k] = round(max(vals), 1) if k.endswith("_mib") else round(sum(vals) / len(vals), 4)
+    return out
 
 
 def step_record(step_s: float, gen: list[tuple[str, float, int]], rewards: list[float]) -> dict:
@@ -108,7 +177,8 @@ def load_side(spec: dict, with_failures: bool = True):
 
 # ----------------------------------------------------------------------------- the r3 side
 
-def run_r3(spec: dict) -> dict:
+def run_r3(spec: dict, shared_prefix: bool = True) -> dict:
+    """The r3 side; `shared_prefix` is update's switch (False: the "r3_per_row" side)."""
     import torch
 
     import r3.rollout
@@ -123,20 +193,24 @@ def run_r3(spec: dict) -> dict:
     # Constant learning rate: TRL's side runs lr_scheduler_type="constant" (train.py warms up linearly).
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+    side, rss = "r3" if shared_prefix else "r3_per_row", Rss()
     gen = []  # (kind, seconds, new tokens) of each generate call: rollout calls it for reflections, then retries
     sampler_generate = r3.rollout.generate
 
     def timed_generate(*args, **kwargs):
+        rss.generate_begin()
         t = time.perf_counter()
         out = sampler_generate(*args, **kwargs)
         kind = "reflection" if len(gen) % 2 == 0 else "retry"
         gen.append((kind, time.perf_counter() - t, sum(len(s.ids) for s in out)))
+        rss.generate_end()
         return out
 
     r3.rollout.generate = timed_generate
     steps, F = [], cfg.failures_per_step
     for step in range(spec["steps"] + 1):
         gen.clear()
+        rss.step_begin()
         t0 = time.perf_counter()
         with torch.no_grad():
             ro = r3.rollout.rollout(policy, tok, task, failures[step * F:(step + 1) * F], cfg.group_size,
@@ -146,12 +220,13 @@ def run_r3(spec: dict) -> dict:
         adv = group_advantages(ro.rewards, cfg.group_size, cfg.adv_scale)
         stats = update(policy, ref, {"ids": ro.ids, "pos": ro.pos, "mask": ro.mask, "advantages": adv}, opt,
                        micro_batch=cfg.micro_batch, ppo_epochs=cfg.ppo_epochs, temperature=cfg.temperature,
-                       beta=cfg.beta, clip_eps=cfg.clip_eps, grad_clip=cfg.grad_clip)
+                       beta=cfg.beta, clip_eps=cfg.clip_eps, grad_clip=cfg.grad_clip, group_size=cfg.group_size,
+                       shared_prefix=shared_prefix)
         rec = step_record(time.perf_counter() - t0, gen, ro.rewards.tolist())
-        rec.update(rollout_s=t_rollout, loss=stats["loss"], grad_norm=stats["grad_norm"])
+        rec.update(rss.step_end(), rollout_s=t_rollout, loss=stats["loss"], grad_norm=stats["grad_norm"])
         steps.append(rec)
-        log_step("r3", step, rec)
-    return {"steps": steps, **summary(steps), "peak_rss_mib": round(peak_rss_mib(), 1)}
+        log_step(side, step, rec)
+    return {"steps": steps, **summary(steps), "peak_rss_mib": rss.peak_mib(), "shared_prefix": shared_prefix}
 
 
 # ----------------------------------------------------------------------------- the TRL side
@@ -210,6 +285,7 @@ def run_trl(spec: dict) -> dict:
     rows = [{"prompt": reflection_context(task, f["example"], f["attempt"]), "example": json.dumps(f["example"])}
             for f in failures]
     gen, rewards, box = [], [], {}  # generate calls of this step, rewards of this step, the trainer
+    rss = Rss()
 
     def retry_reward(prompts, completions, example, **kwargs):
         """The paper's reward: retry after the reflection, verify. One batched generate for all retries."""
@@ -235,10 +311,12 @@ def run_trl(spec: dict) -> dict:
     hf_generate = trainer.model.generate  # TRL samples reflections with this same bound method: time every call
 
     def timed_generate(*args, **kwargs):
+        rss.generate_begin()
         t = time.perf_counter()
         out = hf_generate(*args, **kwargs)
         n = new_tokens(out, kwargs["input_ids"].shape[1], trainer.eos_token_ids)
         gen.append((box["kind"], time.perf_counter() - t, n))
+        rss.generate_end()
         return out
 
     trainer.model.generate = timed_generate
@@ -248,10 +326,11 @@ def run_trl(spec: dict) -> dict:
         def on_step_begin(self, args, state, control, **kwargs):
             gen.clear()
             rewards.clear()
+            rss.step_begin()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            steps.append(step_record(time.perf_counter() - self.t0, gen, rewards))
+            steps.append(step_record(time.perf_counter() - self.t0, gen, rewards) | rss.step_end())
             log_step("trl", len(steps) - 1, steps[-1])
 
     trainer.add_callback(StepTimer())
@@ -259,7 +338,7 @@ def run_trl(spec: dict) -> dict:
     trl_ids = trainer._tokenize_prompts([r["prompt"] for r in rows[: spec["failures_per_step"]]])[0]
     template_match = all(list(a) == render_prompt(tok, r["prompt"]) for a, r in zip(trl_ids, rows))
     trainer.train()
-    return {"steps": steps, **summary(steps), "peak_rss_mib": round(peak_rss_mib(), 1),
+    return {"steps": steps, **summary(steps), "peak_rss_mib": rss.peak_mib(),
             "chat_template_match": template_match, "trl_version": __import__("trl").__version__,
             "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}
 
@@ -353,27 +432,44 @@ def run_child(python: str, side: str, spec_path: Path, work: Path) -> dict:
     return out
 
 
+def ratios(res: dict) -> dict:
+    """The headline ratios of the sides that ran (see the module docstring), rounded."""
+    r3, per_row, trl = res.get("r3"), res.get("r3_per_row"), res.get("trl")
+    out = {}
+    if r3 and trl:
+        out.update(step_time_ratio=trl["step_s"] / r3["step_s"], generation_time_ratio=trl["generation_s"] /
+                   r3["generation_s"], update_time_ratio=trl["update_s"] / r3["update_s"],
+                   peak_rss_ratio=r3["peak_rss_mib"] / trl["peak_rss_mib"])
+    if r3 and per_row:
+        out.update(update_speedup=per_row["update_s"] / r3["update_s"],
+                   step_time_ratio_per_row=per_row["step_s"] / r3["step_s"])
+        if r3.get("update_rss_growth_mib") is not None and per_row.get("update_rss_growth_mib"):
+            out["update_rss_growth_ratio"] = r3["update_rss_growth_mib"] / per_row["update_rss_growth_mib"]
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def report(res: dict, spec: dict) -> dict:
-    r3, trl = res.get("r3"), res.get("trl")
     rows = [("step (s)", "step_s"), ("  generation (s)", "generation_s"), ("    reflections (s)", "reflection_gen_s"),
             ("    retries (s)", "retry_gen_s"), ("  update and rest (s)", "update_s"),
             ("reflection tokens / step", "reflection_tokens"), ("retry tokens / step", "retry_tokens"),
-            ("mean reward", "reward"), ("peak RSS (MiB)", "peak_rss_mib")]
+            ("mean reward", "reward"), ("peak RSS (MiB)", "peak_rss_mib"),
+            ("update peak RSS (MiB)", "update_peak_rss_mib"), ("update RSS growth (MiB)", "update_rss_growth_mib")]
     print(f"\n{spec['failures_per_step']} failures x G={spec['group_size']} per optimizer step, micro-batch "
-          f"{spec['micro_batch']}, fp32, CPU; means over {spec['steps']} steps after 1 warm-up; gradient "
-          f"checkpointing off on both sides")
-    print(f"{'':26s}{'r3':>10s}{'TRL':>10s}{'TRL / r3':>10s}")
+          f"{spec['micro_batch']}, fp32, CPU; means over {spec['steps']} steps after 1 warm-up (memory: maximum); "
+          f"gradient checkpointing off on every side; r3: shared-prefix update, r3_per_row: per-row update")
+    print(f"{'':26s}{'r3':>10s}{'r3_per_row':>12s}{'TRL':>10s}{'TRL / r3':>10s}")
+    r3, trl = res.get("r3") or {}, res.get("trl") or {}
     for label, k in rows:
-        a, b = (r3 or {}).get(k), (trl or {}).get(k)
+        a, m, b = r3.get(k), (res.get("r3_per_row") or {}).get(k), trl.get(k)
         ratio = f"{b / a:10.2f}" if a and b else ""
-        print(f"{label:26s}{a if a is not None else '':>10}{b if b is not None else '':>10}{ratio}")
-    out = {"config": spec, "r3": r3, "trl": trl}
-    if r3 and trl:
-        out.update(step_time_ratio=round(trl["step_s"] / r3["step_s"], 3),
-                   generation_time_ratio=round(trl["generation_s"] / r3["generation_s"], 3),
-                   update_time_ratio=round(trl["update_s"] / r3["update_s"], 3),
-                   peak_rss_ratio=round(r3["peak_rss_mib"] / trl["peak_rss_mib"], 3))
-        print(f"step_time_ratio (TRL / r3) {out['step_time_ratio']}, peak_rss_ratio (r3 / TRL) {out['peak_rss_ratio']}")
+        print(f"{label:26s}{a if a is not None else '':>10}{m if m is not None else '':>12}"
+              f"{b if b is not None else '':>10}{ratio}")
+    out = {"config": spec, **{side: res.get(side) for side in SIDES}, **ratios(res),
+           "goals": {k: f"{op} {v}" for k, (op, v) in GOALS.items()}}
+    for k, (op, goal) in GOALS.items():
+        if k in out:
+            met = out[k] >= goal if op == ">=" else out[k] <= goal
+            print(f"{k} {out[k]} (goal {op} {goal}: {'met' if met else 'NOT met'})")
     if trl:
         print(f"TRL {trl['trl_version']}: its chat-template rendering of the prompts equals r3's: "
               f"{trl['chat_template_match']}")
@@ -384,7 +480,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.side:  # a child process: run one side, write its JSON
         spec = json.loads(Path(args.spec).read_text())
-        fn = {"r3": run_r3, "trl": run_trl, "failures": build_failures}[args.side]
+        fn = {"r3": run_r3, "r3_per_row": lambda spec: run_r3(spec, shared_prefix=False), "trl": run_trl,
+              "failures": build_failures}[args.side]
         Path(args.result).write_text(json.dumps(fn(spec)))
         return
     if (args.failures_per_step * args.group_size) % args.micro_batch:
@@ -403,7 +500,8 @@ def main(argv=None) -> None:
                   f"{built['process_s']} s", file=sys.stderr, flush=True)
         rows = select_failures(args.failures or spec["failures_path"], spec)
         write_jsonl_atomic(spec["failures_path"], rows)
-        pythons = {"r3": sys.executable, "trl": trl_interpreter(args) if args.only != "r3" else ""}
+        pythons = {"r3": sys.executable, "r3_per_row": sys.executable,
+                   "trl": trl_interpreter(args) if args.only in (None, "trl") else ""}
         res = {side: run_child(pythons[side], side, spec_path, work) for side in SIDES if args.only in (None, side)}
     out = report(res, spec | {"work_dir": None, "failures_path": args.failures or None})
     if args.json:

@@ -1,17 +1,16 @@
 """Shared-prefix vs per-row GRPO update, under torchrun or as a plain process (run by tests/test_shared_prefix.py).
 
-Also the home of two helpers that test file imports: `group_batch` (a random group-major R3-like batch)
-and `local_update` (the GRPO update loop of train.py, with the log-prob function as a switch).
+Also the home of the helpers that test file imports: `group_batch` (a random group-major R3-like batch),
+`traced` (records what `r3.grpo.update` gets from its log-prob functions and `grpo_loss`, passing every call
+through unchanged) and `recording` (an optimizer class whose step() first keeps each parameter's gradient).
+They observe `r3.grpo.update`, the loop train.py runs; they do not copy it.
 
 As a script: every rank builds the same tiny random Qwen2 and the same global batch (seeded), takes its
-contiguous share of whole groups, shards the model with FSDP2 (a no-op at world size 1), runs two PPO
-epochs with the per-row log-probs and then, from the same start, with the shared-prefix log-probs, and
-prints on rank 0 one JSON line: loss and gradient norm of each.
-
-NOTE: `local_update` stands in for `r3.grpo.update` until that takes a `shared_prefix` switch; the
-math is train.py's (old = stored or detached log-probs, reference log-probs from a frozen model, the
-loss normalised by the global count of masked tokens, x world because FSDP averages gradients).
+contiguous share of whole groups, shards the model with FSDP2 (a no-op at world size 1), runs
+`r3.grpo.update` (two PPO epochs) with shared_prefix off and then, from the same start, on, and prints
+on rank 0 one JSON line: for each, the loss and gradient norm of each epoch and update's returned dict.
 """
+import contextlib
 import json
 import os
 import sys
@@ -20,12 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+import r3.grpo  # noqa: E402
 from r3 import dist  # noqa: E402
-from r3.grpo import grpo_loss, sequence_logprobs, shared_prefix_logprobs  # noqa: E402
 from r3.model import ModelConfig, Transformer  # noqa: E402
 
 HF = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48,
       "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+NO_CLIP = 1e30  # grad_clip: clip_grad_norm_ then multiplies every gradient by exactly 1.0
 
 
 def group_batch(groups: int, G: int, T: int, vocab: int, seed: int) -> dict:
@@ -51,46 +51,59 @@ def group_batch(groups: int, G: int, T: int, vocab: int, seed: int) -> dict:
             "advantages": torch.randn(N, generator=g)}
 
 
-def local_update(policy, ref, batch: dict, opt, *, micro_batch: int, ppo_epochs: int, temperature: float, beta: float,
-                 clip_eps: float, grad_clip: float, world: int = 1, group_size: int = 1, shared: bool = False,
-                 keep_grads: bool = False) -> list[dict]:
-    """train.py's update on this rank's rows; micro-batches of whole groups (micro_batch a multiple of G).
-    Returns one dict per epoch: loss, grad_norm, the log-probs of each micro-batch and, with `keep_grads`,
-    every parameter's gradient (before clipping and the step)."""
-    def logprobs(model, i, p, m):
-        return shared_prefix_logprobs(model, i, p, m, group_size, temperature) if shared else \
-            sequence_logprobs(model, i, p, m, temperature)
+@contextlib.contextmanager
+def traced():
+    """Within the block, r3.grpo's `sequence_logprobs`, `shared_prefix_logprobs` and `grpo_loss` (the names
+    `update` looks up when it calls them) record their results; each call passes through unchanged.
+    Yields {"logp": [(path, group_size, (B, T) log-probs)], "loss": [micro-batch loss]}, in call order:
+    the old and reference log-probs of every micro-batch, then each epoch's micro-batches. `path` is
+    "shared" or "rows"; a call made inside another (shared_prefix_logprobs falling back to
+    sequence_logprobs) is not recorded on its own."""
+    names = ("sequence_logprobs", "shared_prefix_logprobs", "grpo_loss")
+    orig = {n: getattr(r3.grpo, n) for n in names}
+    trace, depth = {"logp": [], "loss": []}, [0]
 
-    assert micro_batch % group_size == 0
-    ids, pos, mask, adv = batch["ids"], batch["pos"], batch["mask"], batch["advantages"]
-    chunks = [slice(i, min(i + micro_batch, ids.shape[0])) for i in range(0, ids.shape[0], micro_batch)]
+    def wrap(name):
+        def call(*args, **kwargs):
+            depth[0] += 1
+            try:
+                out = orig[name](*args, **kwargs)
+            finally:
+                depth[0] -= 1
+            if name == "grpo_loss":
+                trace["loss"].append(float(out[0].detach()))
+            elif depth[0] == 0:
+                G = args[4] if name == "shared_prefix_logprobs" else 1
+                trace["logp"].append(("shared" if G > 1 else "rows", G, out.detach().clone()))
+            return out
+        return call
 
-    def trimmed(s):  # as train.update: cut each micro-batch to its longest masked row
-        T = int(mask[s].nonzero()[:, 1].max()) + 1 if mask[s].any() else 1
-        return ids[s, :T], pos[s, :T], mask[s, :T]
+    for n in names:
+        setattr(r3.grpo, n, wrap(n))
+    try:
+        yield trace
+    finally:
+        for n in names:
+            setattr(r3.grpo, n, orig[n])
 
-    micro = [trimmed(s) for s in chunks]
-    with torch.no_grad():
-        old = [logprobs(policy, *mb) for mb in micro] if ppo_epochs > 1 else [None] * len(micro)
-        refs = [logprobs(ref, *mb) for mb in micro] if beta > 0 else [None] * len(micro)
-    num_tokens = float(dist.all_reduce_sum(mask.sum().float().clone()))
-    epochs = []
-    for _ in range(ppo_epochs):
-        total, lps = 0.0, []
-        for s, (i, p, m), o, r in zip(chunks, micro, old, refs):
-            logp = logprobs(policy, i, p, m)
-            loss, _ = grpo_loss(logp, o if o is not None else logp.detach(), r, adv[s], m, beta, clip_eps, num_tokens)
-            (loss * world).backward()
-            total += float(loss.detach())
-            lps.append(logp.detach())
-        grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters()} if keep_grads else None
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = float(dist.all_reduce_sum(torch.tensor([total]))[0])
-        epochs.append({"loss": loss, "grad_norm": float(grad_norm), "logp": lps, "grads": grads})
-    return epochs
+
+def recording(opt_cls):
+    """`opt_cls` (a torch optimizer taking named parameters here) whose step() first keeps, per step, a
+    clone of every parameter's gradient as `update` leaves it (after clip_grad_norm_) in `grads` and their
+    global L2 norm in `norms` (DTensor gradients of FSDP2 reduced to the full norm)."""
+    class Recording(opt_cls):
+        def __init__(self, named_params, **kwargs):
+            named = list(named_params)
+            super().__init__([p for _, p in named], **kwargs)
+            self.names, self.grads, self.norms = [n for n, _ in named], [], []
+
+        def step(self, closure=None):
+            params = self.param_groups[0]["params"]
+            self.grads.append({n: p.grad.detach().clone() for n, p in zip(self.names, params)})
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            self.norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+            return super().step(closure)
+    return Recording
 
 
 def main():
@@ -109,10 +122,17 @@ def main():
             for p in ref.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         policy, ref = dist.shard(policy, mixed_bf16=False), dist.shard(ref, mixed_bf16=False)
-        opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-        ep = local_update(policy, ref, mine, opt, micro_batch=G, ppo_epochs=2, temperature=0.7, beta=0.05,
-                          clip_eps=0.2, grad_clip=1.0, world=world, group_size=G, shared=shared)
-        out["shared" if shared else "rows"] = [{"loss": e["loss"], "grad_norm": e["grad_norm"]} for e in ep]
+        # AdamW (nearly scale-free) with clipping off, so the recorded norms are update's unclipped ones
+        opt = recording(torch.optim.AdamW)(policy.named_parameters(), lr=1e-3)
+        with traced() as trace:
+            stats = r3.grpo.update(policy, ref, mine, opt, micro_batch=G, ppo_epochs=2, temperature=0.7, beta=0.05,
+                                   clip_eps=0.2, grad_clip=NO_CLIP, world=world, group_size=G, shared_prefix=shared)
+        paths = sorted({p for p, _, _ in trace["logp"]})
+        n = len(trace["loss"]) // 2  # micro-batches per epoch
+        losses = dist.all_reduce_sum(torch.tensor([sum(trace["loss"][:n]), sum(trace["loss"][n:])]))
+        out["shared" if shared else "rows"] = {
+            "epochs": [{"loss": float(losses[e]), "grad_norm": opt.norms[e]} for e in range(2)],
+            "update": stats, "paths": paths}
     if rank == 0:
         print(json.dumps(out), flush=True)
     dist.shutdown()

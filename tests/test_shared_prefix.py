@@ -4,14 +4,17 @@ Claims, each against the per-row path (`Transformer.forward` on whole rows, `seq
 independent reference, in fp32 within 1e-5 relative:
 - rows that continue a shared context give the full rows' logits (tiny Llama with GQA, tiny Qwen2 with
   q/k/v biases; contexts of different lengths, one of them empty);
-- `shared_prefix_logprobs` and a GRPO update built on it give the same log-probs, losses and every
-  parameter's gradient, for G in {1, 2, 8}, beta > 0 and beta = 0, over two PPO epochs (the second
-  after an optimizer step);
+- `r3.grpo.update(..., shared_prefix=True)`, the update train.py runs, gives the same log-probs (every
+  forward: old, reference, policy), losses, every parameter's gradient and returned figures as
+  `update(..., shared_prefix=False)`, for G in {1, 2, 8}, beta > 0 and beta = 0, over two PPO epochs
+  (the second after an optimizer step), and with micro-batches that are not a multiple of G (groups of
+  gcd(micro_batch, G) rows); with G = 1 (nothing to share) update keeps the per-row forward;
 - the same under FSDP2 with 2 ranks (torchrun) and in 1 process (slow);
 - on the default model, a real countdown_easy batch gives equal losses (slow).
 """
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,9 +24,9 @@ import pytest
 import torch
 
 from conftest import ours_from_hf, tiny_hf_model
-from r3.grpo import grpo_loss, sequence_logprobs, shared_prefix_logprobs
+from r3.grpo import grpo_loss, sequence_logprobs, shared_prefix_logprobs, update
 from r3.model import SharedPrefix
-from shared_prefix_worker import group_batch, local_update
+from shared_prefix_worker import NO_CLIP, group_batch, recording, traced
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -52,35 +55,76 @@ def test_rows_continuing_a_shared_context_equal_full_rows(family):
             assert rel(got[r], want) <= TOL, f"row {r}: rel diff {rel(got[r], want):.2e}"
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("G", [1, 2, 8])
-@pytest.mark.parametrize("beta", [0.0, 0.05])
-def test_shared_prefix_update_equals_per_row(family, G, beta):
-    """Two PPO epochs of the GRPO update (micro-batches of whole groups): log-probs, loss and every
-    parameter's gradient of each epoch equal the per-row update's. Worst differences are printed."""
+def run_update(policy, ref, batch, *, G: int, micro_batch: int, beta: float, shared: bool):
+    """`r3.grpo.update` (two PPO epochs, clipping off) on a copy of `policy`, observed: returns update's
+    dict, the trace of its log-prob and loss calls (`traced`) and each step's gradients (`recording`)."""
+    pol = copy.deepcopy(policy)
+    # SGD, not Adam: Adam turns round-off in ~0 gradients into +-lr steps. lr 0.01 unclipped: the second
+    # epoch still has unclipped tokens (0.05 clipped every token of the G = 1 batch: zero gradient).
+    opt = recording(torch.optim.SGD)(pol.named_parameters(), lr=0.01)
+    with traced() as trace:
+        stats = update(pol, ref, batch, opt, micro_batch=micro_batch, ppo_epochs=2, temperature=0.7, beta=beta,
+                       clip_eps=0.2, grad_clip=NO_CLIP, group_size=G, shared_prefix=shared)
+    return stats, trace, opt.grads
+
+
+def assert_update_equals_per_row(policy, ref, batch, G, micro_batch, beta):
+    """update with shared_prefix on vs off, same micro-batches: every log-prob call (old, reference, each
+    epoch's policy), each epoch's loss and every parameter's gradient, and update's returned loss, kl,
+    clip_frac and grad_norm, within TOL relative; and the shared run really took the shared path."""
+    (want, want_tr, want_g), (got, got_tr, got_g) = (
+        run_update(policy, ref, batch, G=G, micro_batch=micro_batch, beta=beta, shared=s) for s in (False, True))
+    sub = math.gcd(micro_batch, G)
+    assert {(p, g) for p, g, _ in want_tr["logp"]} == {("rows", 1)}
+    assert {(p, g) for p, g, _ in got_tr["logp"]} == ({("shared", sub)} if sub > 1 else {("rows", 1)})
+    assert len(got_tr["logp"]) == len(want_tr["logp"]) and len(got_tr["loss"]) == len(want_tr["loss"])
+    lp = max(rel(a, b) for (_, _, a), (_, _, b) in zip(got_tr["logp"], want_tr["logp"]))
+    n = len(want_tr["loss"]) // 2  # micro-batches per epoch
+    losses = [[sum(t["loss"][e * n:(e + 1) * n]) for e in range(2)] for t in (want_tr, got_tr)]
+    for epoch in range(2):
+        loss = abs(losses[1][epoch] - losses[0][epoch]) / abs(losses[0][epoch])
+        grad, name = max((rel(got_g[epoch][k], g), k) for k, g in want_g[epoch].items())
+        print(f"epoch {epoch}: rel diff log-probs (all calls) {lp:.1e}, loss {loss:.1e}, worst gradient {grad:.1e} "
+              f"({name})")
+        assert lp <= TOL and loss <= TOL and grad <= TOL
+    print(f"update per-row {want}\nupdate shared  {got}")
+    for k in ("loss", "kl", "clip_frac", "grad_norm"):
+        assert abs(got[k] - want[k]) <= TOL * abs(want[k]), (k, got[k], want[k])
+    assert got["tokens"] == want["tokens"]
+    assert losses[0][1] != losses[0][0] and want["grad_norm"] > 0  # the second epoch: a changed policy, still learning
+
+
+def policy_and_ref(family: str):
     hf = tiny_hf_model(family, tied=family == "llama", gqa=True, seed=1)
     policy = ours_from_hf(hf).train()
     ref = copy.deepcopy(policy)
     with torch.no_grad():  # a reference that differs, so the KL term is not zero
         for p in ref.parameters():
             p.add_(0.02 * torch.randn_like(p))
+    return policy, ref
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("G", [1, 2, 8])
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_shared_prefix_update_equals_per_row(family, G, beta):
+    """r3.grpo.update with shared_prefix on equals it with shared_prefix off over two PPO epochs
+    (micro-batches of two whole groups; the second epoch after an optimizer step): log-probs, losses,
+    every parameter's gradient, the returned figures. G = 1 has nothing to share: update keeps the per-row
+    forward (checked). Worst differences are printed."""
+    policy, ref = policy_and_ref(family)
     groups = 3 if G < 8 else 2
-    batch = group_batch(groups, G, T=32, vocab=128, seed=G)
-    runs = {}
-    for shared in (False, True):
-        pol = copy.deepcopy(policy)
-        opt = torch.optim.SGD(pol.parameters(), lr=0.05)  # not Adam: it turns round-off in ~0 gradients into +-lr steps
-        runs[shared] = local_update(pol, ref, batch, opt, micro_batch=2 * G, ppo_epochs=2, temperature=0.7, beta=beta,
-                                    clip_eps=0.2, grad_clip=1.0, group_size=G, shared=shared, keep_grads=True)
-    for epoch, (want, got) in enumerate(zip(runs[False], runs[True])):
-        lp = max(rel(a, b) for a, b in zip(got["logp"], want["logp"]))
-        loss = abs(got["loss"] - want["loss"]) / abs(want["loss"])
-        grad, name = max((rel(got["grads"][n], g), n) for n, g in want["grads"].items())
-        print(f"epoch {epoch}: grad norm {want['grad_norm']:.3g}, rel diff log-probs {lp:.1e}, loss {loss:.1e}, "
-              f"worst gradient {grad:.1e} ({name})")
-        assert lp <= TOL and loss <= TOL and grad <= TOL
-    second = runs[False][1]
-    assert second["loss"] != runs[False][0]["loss"] and second["grad_norm"] > 0  # a changed policy, still learning
+    assert_update_equals_per_row(policy, ref, group_batch(groups, G, T=32, vocab=128, seed=G), G, 2 * G, beta)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("micro_batch", [4, 12])
+def test_micro_batch_not_a_multiple_of_G_shares_within_gcd_rows(family, micro_batch):
+    """G = 8 with micro-batches of 4 (two per group) or 12 (one and a half groups: a micro-batch ends
+    inside a group): update treats each gcd(micro_batch, G) = 4 rows as a group (checked) and still
+    equals the per-row update with the same micro-batches."""
+    policy, ref = policy_and_ref(family)
+    assert_update_equals_per_row(policy, ref, group_batch(3, 8, T=32, vocab=128, seed=11), 8, micro_batch, 0.05)
 
 
 def test_rows_that_differ_before_the_mask_are_refused():
@@ -118,14 +162,21 @@ def _worker(nproc):
 
 @pytest.mark.slow
 def test_fsdp2_two_ranks_shared_equals_per_row_and_one_process():
+    """r3.grpo.update under FSDP2 (1 process, 2 ranks), shared_prefix off and on: each epoch's loss and
+    gradient norm and update's returned figures equal the 1-process per-row run's."""
     one, two = _worker(1), _worker(2)
     print(f"1 process {one}\n2 ranks {two}")
     want = one["rows"]
+    assert want["paths"] == ["rows"] and one["shared"]["paths"] == two["shared"]["paths"] == ["shared"]
     for name, run in (("1 process shared", one["shared"]), ("2 ranks per-row", two["rows"]),
                       ("2 ranks shared", two["shared"])):
-        for epoch, (a, b) in enumerate(zip(run, want)):
+        for epoch, (a, b) in enumerate(zip(run["epochs"], want["epochs"], strict=True)):
             for k in ("loss", "grad_norm"):
                 assert abs(a[k] - b[k]) <= TOL * abs(b[k]), f"{name} epoch {epoch} {k}: {a[k]!r} vs per-row {b[k]!r}"
+        for k in ("loss", "kl", "clip_frac", "grad_norm", "tokens"):
+            a, b = run["update"][k], want["update"][k]
+            assert abs(a - b) <= TOL * abs(b), f"{name} update()['{k}']: {a!r} vs per-row {b!r}"
+    assert want["epochs"][1]["loss"] != want["epochs"][0]["loss"] and want["update"]["grad_norm"] > 0
 
 
 @pytest.mark.slow
