@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -70,10 +71,13 @@ def shutdown() -> None:
         dist.barrier()
         # NOTE: private API (there since torch 1.x): the store this process group was built on
         store = dist.distributed_c10d._get_default_store()
-        store.add("r3/shutdown", 1)
-        deadline = time.monotonic() + 60
-        while store.add("r3/shutdown", 0) < dist.get_world_size() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        arrived, deadline = store.add("r3/shutdown", 1), time.monotonic() + 60
+        try:
+            while arrived < dist.get_world_size() and time.monotonic() < deadline:
+                time.sleep(0.01)
+                arrived = store.add("r3/shutdown", 0)
+        except RuntimeError:  # a store served by rank 0 itself (not torchrun) left: rank 0 saw everyone arrive
+            pass
     dist.destroy_process_group()
 
 
@@ -87,57 +91,101 @@ def print0(*args, **kwargs) -> None:
 # ----------------------------------------------------------------------------- stopping: signals
 
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer")  # gloo's RuntimeError when a peer exits
-_stop_signal: int | None = None  # the first SIGTERM/SIGINT this process got, once install_stop_handlers ran
+_stop: dict = {"signal": None, "handled": threading.Event()}  # set by install_stop_handlers and the handler
 
 
 def _on_stop_signal(signum, frame) -> None:
-    global _stop_signal
-    if _stop_signal is not None:
-        return  # already stopping: a second signal must not interrupt the handler that ends the run
-    _stop_signal = signum
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    stop = _stop
+    if stop["handled"].is_set():
+        return  # the run is already ending: a later signal must not cut short the code that ends it
+    if stop["signal"] is None:
+        stop["signal"] = signum
+        threading.Thread(target=_interrupt_until_handled, args=(stop["handled"],), daemon=True).start()
+    raise KeyboardInterrupt(signal.Signals(stop["signal"]).name)
+
+
+def _interrupt_until_handled(handled: threading.Event) -> None:
+    # A KeyboardInterrupt raised while the main thread runs a __del__ or a garbage-collector callback
+    # is swallowed by Python (and goes to sys.unraisablehook), so the run would go on: raise it again
+    # every 2 s until `interrupted` says the run is ending. A real signal to the main thread, because
+    # _thread.interrupt_main would not wake it from a blocking call (a sleep, a collective).
+    while not handled.wait(2.0):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def _quiet_unraisable(hook):
+    def quiet(u):  # see _interrupt_until_handled: the stop is raised again, no need for a traceback here
+        if not (_stop["signal"] is not None and isinstance(u.exc_value, KeyboardInterrupt)):
+            hook(u)
+    return quiet
 
 
 def install_stop_handlers() -> None:
-    """Make SIGTERM, like Ctrl-C's SIGINT, raise KeyboardInterrupt in the main thread, and only once.
+    """Make SIGTERM, like Ctrl-C's SIGINT, raise KeyboardInterrupt in the main thread until the run
+    says it is ending (`interrupted`); signals after that are ignored.
 
     torchrun starts each worker in a session of its own, so Ctrl-C (SIGINT to the terminal's process
-    group) or a SIGTERM reaches only the launcher, which forwards it to every worker and SIGKILLs those
-    still alive 30 s later. Only the first signal raises; later ones (a second Ctrl-C, a `kill` of the
-    worker and then torchrun's copy) are ignored, so the `except` that prints the one-line message and
-    exits is not itself cut short. Call from the main thread (Python's rule for handlers).
+    group) or a SIGTERM reaches only the launcher, which forwards it to every worker once and SIGKILLs
+    those still alive 30 s later. A KeyboardInterrupt that lands in a __del__ or a garbage-collector
+    callback is swallowed by Python, so until `interrupted` acknowledges the stop it is raised again
+    every 2 s (and the swallowed one prints nothing). Once acknowledged, later signals (a second Ctrl-C,
+    a `kill` of one worker and then torchrun's copy) are ignored, so the `except` that prints the
+    one-line message and exits is not itself cut short. Call from the main thread (Python's rule).
 
     NOTE: Python runs handlers between bytecodes of the main thread, so a rank blocked in a gloo
     collective raises only when the collective returns, or fails because a peer rank already exited
     (a DistError, "Connection closed by peer"): `interrupted` counts that failure as the stop too.
     """
-    global _stop_signal
-    _stop_signal = None
+    global _stop
+    _stop["handled"].set()  # ends the re-raising thread of an earlier install, if any
+    _stop = {"signal": None, "handled": threading.Event()}
+    if not getattr(sys.unraisablehook, "_r3_quiet", False):
+        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+        sys.unraisablehook._r3_quiet = True
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, _on_stop_signal)
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """exc, the exceptions chained to it, and those it carries from each rank: DCP's save and load
+    turn any rank's exception, a KeyboardInterrupt too, into one CheckpointException on every rank."""
+    out, todo = [], [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is o for o in out):
+            continue
+        out.append(e)
+        todo += [e.__cause__, e.__context__]
+        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    return out
+
+
 def interrupted(exc: BaseException, grace_s: float = 5.0) -> bool:
-    """Whether `exc` ends the run because it was asked to stop: a KeyboardInterrupt, or a collective
-    that failed because a peer exited (torch's DistError, or gloo's RuntimeError "Connection closed by
-    peer") on a rank that got a stop signal too.
+    """Whether `exc` ends the run because it was asked to stop: a KeyboardInterrupt (also one carried
+    by DCP's CheckpointException from any rank), or a collective that failed because a peer exited
+    (torch's DistError, or gloo's RuntimeError "Connection closed by peer") on a rank that got a stop
+    signal too.
 
     A rank waiting in a collective usually sees the peer's exit a moment before its own copy of
     torchrun's signal arrives, so a collective error waits up to `grace_s` seconds for that signal.
     An error with no signal (a peer crashed or was killed alone) is not an interrupt: the caller
     should re-raise it.
     """
-    if isinstance(exc, KeyboardInterrupt):
+    stop, causes = _stop, _causes(exc)
+    if any(isinstance(e, KeyboardInterrupt) for e in causes):
+        stop["handled"].set()
         return True
-    if not (isinstance(exc, dist.DistError) or any(m in str(exc) for m in _PEER_GONE)):
+    if not any(isinstance(e, dist.DistError) or any(m in str(e) for m in _PEER_GONE) for e in causes):
         return False
     deadline = time.monotonic() + grace_s
     try:
-        while _stop_signal is None and time.monotonic() < deadline:
+        while stop["signal"] is None and time.monotonic() < deadline:
             time.sleep(0.05)
     except KeyboardInterrupt:  # the signal arrived while we slept
         pass
-    return _stop_signal is not None
+    if stop["signal"] is not None:
+        stop["handled"].set()
+    return stop["signal"] is not None
 
 
 def exit_now(code: int) -> None:
