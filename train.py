@@ -187,7 +187,7 @@ def main(cfg: TrainConfig) -> None:
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         check_resumable(ckpt, dataclasses.asdict(cfg) | {"world_size": world}, RESUMABLE_CHANGES)
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.local_world_size()))
     model_dir, policy, tok = load_model(cfg.model, device)
     ref = load_hf(model_dir, device).requires_grad_(False) if cfg.beta > 0 else None  # frozen step-0 policy (KL)
 
@@ -273,26 +273,26 @@ def main(cfg: TrainConfig) -> None:
         final = save_hf(policy, out / "final", tokenizer_dir=model_dir, state_dict=full)
         print(f"done in {time.time() - t_start:.0f} s: {out}/ metrics.jsonl, samples.jsonl, metrics.png, "
               f"checkpoints/, {final.name}/ (the trained model)", flush=True)
-    dist.barrier()
     dist.shutdown()
 
 
 def cli(argv: list[str]) -> None:
     """The one place train.py turns a user error (exit 2) or an interrupt (exit 130) into one line on stderr."""
     cfg = parse_flags(TrainConfig, argv, prog="train.py", description=__doc__.split("\n\n")[0])
+    dist.install_stop_handlers()  # SIGTERM too raises KeyboardInterrupt, on every rank
     try:
         main(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except BaseException as e:  # Ctrl-C / SIGTERM here, or a peer rank that stopped first; anything else re-raised
+        if not dist.interrupted(e):
+            raise
         out = Path(cfg.out_dir)
         rows = read_jsonl(out / "metrics.jsonl", allow_truncated_tail=True) if (out / "metrics.jsonl").exists() else []
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"interrupted after step {rows[-1]['step'] if rows else 0}; newest complete checkpoint: "
-                  f"{latest_checkpoint(out) or 'none'}; run the same command to resume", file=sys.stderr, flush=True)
-        sys.exit(130)
-
+        dist.print0(f"interrupted after step {rows[-1]['step'] if rows else 0}; newest complete checkpoint: "
+                    f"{latest_checkpoint(out) or 'none'}; run the same command to resume", file=sys.stderr)
+        dist.exit_now(130)  # no teardown collectives with ranks that may be gone
 
 if __name__ == "__main__":
     cli(sys.argv[1:])

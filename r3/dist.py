@@ -236,9 +236,13 @@ def unsharded(model: torch.nn.Module):
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (in place and returned); identity at world size 1."""
+    """Sum a tensor over ranks (in place and returned); identity at world size 1. A CPU tensor (the
+    loop's statistics) goes through the GPU and back under NCCL, which reduces CUDA tensors only."""
     if is_distributed():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        on_gpu = x.cuda() if x.device.type == "cpu" and dist.get_backend() == "nccl" else x
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        if on_gpu is not x:
+            x.copy_(on_gpu)
     return x
 
 
