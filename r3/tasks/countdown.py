@@ -33,6 +33,9 @@ QUESTION = (
 # before 2-number problems made the default model append its last term ("a + b + 3") to 30 of 35 wrong
 # answers (issue 14). Hand-picked for the presets' shapes; any other shape gets a generated one
 # (oneshot_example). Examples are removed from the data by id, so one never shows a test answer.
+# NOTE: the 2-number +/- example is a sum. After "9 - 4" the default model's greedy answers used a number
+# not given (often the target) in 28 of 69 failures; after "4 + 9" every answer is "a + b" with the given
+# numbers, so it fails exactly the difference problems, and what GRPO must teach is when to subtract.
 ONESHOTS = {  # (count, ops): (nums, target, solution)
     (2, "+-*/"): ([4, 9], 36, "9 * 4"),
     (3, "+-*/"): ([4, 9, 3], 39, "(9 + 4) * 3"),
@@ -162,7 +165,7 @@ def oneshot_example(size: int, ops: str) -> dict:
     ops = "".join(op for op in "+-*/" if op in ops)  # one key per set of operators, whatever the order
     if (size, ops) in ONESHOTS:
         nums, target, solution = ONESHOTS[size, ops]
-        return {"id": problem_id(nums, target), "nums": nums, "target": target, "solution": solution}
+        return {"id": problem_id(nums, target), "nums": list(nums), "target": target, "solution": solution}
     drawn = generate(1, [size], 9, 50, ONESHOT_SEED, ops)
     if not drawn:
         raise TaskDataError(f"no one-shot example with {size} numbers and operators {ops!r} (numbers 1-9, "
