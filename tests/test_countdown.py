@@ -6,6 +6,7 @@ The reference for the verifier is the value of an expression tree computed while
 (exact fractions), never a parse of the rendered text.
 """
 import json
+import re
 import time
 from fractions import Fraction
 
@@ -13,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from r3.tasks import TaskDataError, get_task
-from r3.tasks.countdown import REFLECTION_PROMPT, verify_equation
+from r3.tasks import REGISTRY, TaskDataError, get_task
+from r3.tasks.countdown import REFLECTION_PROMPT, generate, oneshot_example, verify_equation
 
 NUMS, TARGET = [4, 9, 3], 39
 FAST = 0.05  # seconds: every verify call, whatever the text
@@ -163,6 +164,7 @@ def test_generated_problems_are_solvable_by_their_own_solution():
 
 @pytest.mark.parametrize("name,sizes,max_number,max_target", [
     ("countdown3", {3}, 99, 100), ("countdown4", {4}, 99, 100), ("countdown_easy", {2}, 20, 40),
+    ("countdown2", {2}, 99, 100),
 ])
 def test_presets_respect_their_difficulty(name, sizes, max_number, max_target):
     examples = get_task(name, num_examples=300).examples("train")
@@ -195,6 +197,15 @@ def test_splits_are_disjoint_and_deterministic_by_seed():
     assert test.isdisjoint({key(e) for e in c.examples("train")})
 
 
+def test_countdown2_holds_out_at_least_400_problems_none_of_them_in_train():
+    """Issue 14: the held-out split of the main job's task has 40 problems, too few to tell runs apart."""
+    task = get_task("countdown2")
+    key = lambda e: (tuple(sorted(e["nums"])), e["target"])  # noqa: E731
+    train, test = [key(e) for e in task.examples("train")], [key(e) for e in task.examples("test")]
+    assert len(set(test)) == len(test) >= 400, len(test)
+    assert set(train).isdisjoint(test)
+
+
 def test_examples_survive_a_json_round_trip():
     ex = get_task("countdown", num_examples=50).examples("train")[0]
     assert json.loads(json.dumps(ex)) == ex
@@ -213,6 +224,62 @@ def test_prompt_is_the_paper_question_with_an_optional_worked_example():
     assert get_task("countdown").reflection_prompt == REFLECTION_PROMPT and "wrong answer" in REFLECTION_PROMPT
 
 
+SHOWN = re.compile(r"^Using the numbers \[([0-9, ]+)\], create an equation that equals ([0-9]+)\. ")
+COUNTDOWN_PRESETS = [name for name, (module, _, _) in REGISTRY.items() if module == "countdown"]
+
+
+def shown_example(task, example) -> tuple[list[int], int, str]:
+    """(nums, target, solution) of the worked example in the prompt, read back from the rendered turns."""
+    question, answer, last = task.prompt(example)
+    assert (question["role"], answer["role"], last["role"]) == ("user", "assistant", "user")
+    nums, target = SHOWN.match(question["content"]).groups()
+    return [int(n) for n in nums.split(",")], int(target), answer["content"]
+
+
+@pytest.mark.parametrize("options", [{}, {"n_numbers": (2, 3, 4, 5)}, {"ops": "+"}, {"ops": "-*"}, {"ops": "/"}],
+                         ids=["preset", "sizes-2-to-5", "ops+", "ops-*", "ops/"])
+@pytest.mark.parametrize("name", COUNTDOWN_PRESETS)
+def test_oneshot_example_matches_each_problem_and_verifies(name, options):
+    """Issue 14: a 3-number sum shown before 2-number problems made the model append its last term."""
+    task = get_task(name, num_examples=200, **options)
+    ops = task.ops
+    seen_sizes = set()
+    for ex in task.examples("train")[:60] + task.examples("test")[:20]:
+        nums, target, solution = shown_example(task, ex)
+        assert len(nums) == len(ex["nums"]), (ex, nums)
+        assert set(re.findall(r"[+\-*/]", solution)) <= set(ops), (solution, ops)
+        assert verify_equation(solution, nums, target), (nums, target, solution)
+        assert (sorted(nums), target) != (sorted(ex["nums"]), ex["target"]), "the example shows the answer"
+        seen_sizes.add(len(nums))
+    assert seen_sizes == {len(e["nums"]) for e in task.examples("train")}, "every size met its own example"
+
+
+def test_oneshot_example_is_never_a_problem_of_the_data(tmp_path):
+    # A space small enough to be generated whole holds the 2-number +/- example ([4, 9] -> 13): the
+    # generator draws it, and the task drops it from both splits.
+    small = {"max_number": 9, "max_target": 20, "num_examples": 1_000}
+    shown = oneshot_example(2, "+-")
+    drawn = {e["id"] for e in generate(1_000, [2], 9, 20, 0, "+-")}
+    assert shown["id"] in drawn
+    task = get_task("countdown_easy", **small)
+    pool = task.examples("train") + task.examples("test")
+    assert shown["id"] not in {e["id"] for e in pool} and len(pool) == len(drawn) - 1
+    # Rows of a file are data too: a row equal to the example is dropped, the others are kept.
+    path = tmp_path / "rows.jsonl"
+    rows = [{"target": shown["target"], "nums": shown["nums"][::-1]}, {"target": 7, "nums": [3, 4]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    loaded = get_task("countdown_easy", data_path=str(path), test_fraction=0.0).examples("train")
+    assert [(e["nums"], e["target"]) for e in loaded] == [([3, 4], 7)]
+
+
+def test_a_shape_with_no_oneshot_example_fails_when_the_task_is_built():
+    # Ten numbers 1-9 whose product is <= 50 are (almost) all ones: the generator gives up.
+    with pytest.raises(TaskDataError, match=r"no one-shot example with 10 numbers and operators '\*'"):
+        get_task("countdown", n_numbers=10, ops="*")
+    assert get_task("countdown", n_numbers=10, ops="*", oneshot=False, num_examples=5).prompt(
+        {"nums": [1] * 10, "target": 1})[0]["role"] == "user"
+
+
 # --- loading files and errors -----------------------------------------------------------------------
 
 ROWS = [{"target": 39, "nums": [4, 9, 3]}, {"target": 24, "nums": [8, 3, 8, 3]}, {"target": 10, "nums": [5, 2, 1]}]
@@ -225,12 +292,15 @@ def test_loader_reads_jsonl_and_parquet_alike(tmp_path):
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n\n")
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "p.parquet")
     loaded = []
+    # oneshot=False: ROWS[0] is the 3-number one-shot example, which a task showing it drops from its data
+    # (test_oneshot_example_is_never_a_problem_of_the_data); here every row must come back as written.
     for path in (tmp_path / "p.jsonl", tmp_path / "p.parquet"):
-        task = get_task("countdown", data_path=str(path), test_fraction=0.0)
+        task = get_task("countdown", data_path=str(path), test_fraction=0.0, oneshot=False)
         loaded.append(task.examples("train"))
     assert loaded[0] == loaded[1]
     assert [(e["nums"], e["target"]) for e in loaded[0]] == [(r["nums"], r["target"]) for r in ROWS]
-    three = get_task("countdown3", data_path=str(tmp_path / "p.parquet"), test_fraction=0.0).examples("train")
+    three = get_task("countdown3", data_path=str(tmp_path / "p.parquet"), test_fraction=0.0,
+                     oneshot=False).examples("train")
     assert [e["target"] for e in three] == [39, 10]  # countdown3 keeps the 3-number rows of a 3-to-4 file
 
 

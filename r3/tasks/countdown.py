@@ -3,7 +3,9 @@
 Data comes from a seeded generator of solvable problems (the public Countdown-Tasks-3to4 set is itself
 generated, so a generator with a seed is a faithful substitute) or from rows `{target, nums}` of a
 JSONL/JSON/parquet file such as that set. Train and test are assigned by a hash of the problem, so they
-can never share one. The verifier reads the answer with `ast` and evaluates it with exact fractions.
+can never share one. The one-shot example has the problem's count of numbers and only the task's
+operators (ONESHOTS), and is never a problem of the data. The verifier reads the answer with `ast` and
+evaluates it with exact fractions.
 
 What it does not do: call eval() on model text, give partial credit, ask for chain of thought or
 <answer> tags (the paper's prompts were one-shot without chain of thought, PAPER.md 3).
@@ -26,10 +28,26 @@ QUESTION = (
     "Using the numbers {nums}, create an equation that equals {target}. You can use basic arithmetic "
     "operations (+, -, *, /) and each number can only be used once. Return only the equation."
 )
-# The one worked example of the one-shot prompt; it is not drawn from the data, so it never leaks a test answer.
-# Presets whose generator uses only + and - get a plain sum as their example, to match their problems.
-ONESHOT = {"nums": [4, 9, 3], "target": 39, "solution": "(9 + 4) * 3"}
-ONESHOT_SUM = {"nums": [4, 9, 3], "target": 16, "solution": "4 + 9 + 3"}
+# The worked example of the one-shot prompt, one per (count of numbers, operators): it has as many numbers as
+# the problem it follows and uses only the operators the task builds targets with. A 3-number sum shown
+# before 2-number problems made the default model append its last term ("a + b + 3") to 30 of 35 wrong
+# answers (issue 14). Hand-picked for the presets' shapes; any other shape gets a generated one
+# (oneshot_example). Examples are removed from the data by id, so one never shows a test answer.
+# NOTE: the 2-number +/- example is a sum. After "9 - 4" the default model's greedy answers used a number
+# not given (often the target) in 28 of 69 failures; after "4 + 9" every answer is "a + b" with the given
+# numbers, so it fails exactly the difference problems, and what GRPO must teach is when to subtract.
+ONESHOTS = {  # (count, ops): (nums, target, solution)
+    (2, "+-*/"): ([4, 9], 36, "9 * 4"),
+    (3, "+-*/"): ([4, 9, 3], 39, "(9 + 4) * 3"),
+    (4, "+-*/"): ([4, 9, 3, 7], 32, "(9 + 4) * 3 - 7"),
+    (2, "+-"): ([4, 9], 13, "4 + 9"),
+    (3, "+-"): ([4, 9, 3], 8, "9 - 4 + 3"),
+    (4, "+-"): ([4, 9, 3, 7], 9, "9 + 7 - 4 - 3"),
+    (2, "+"): ([4, 9], 13, "4 + 9"),
+    (3, "+"): ([4, 9, 3], 16, "4 + 9 + 3"),
+    (4, "+"): ([4, 9, 3, 7], 23, "4 + 9 + 3 + 7"),
+}
+ONESHOT_SEED = 14  # seed of the generated example for shapes not in ONESHOTS (numbers 1-9, targets <= 50)
 
 MAX_TEXT_CHARS = 20_000  # a no-CoT answer is a few dozen characters; longer text is rejected unread
 MAX_EQUATION_CHARS = 1_000  # the extracted candidate; bounds the cost of ast.parse before it runs
@@ -58,7 +76,7 @@ class Countdown:
     num_examples: int | None = 20_000  # pool size before the split (file: first N; None: all / 20,000)
     test_fraction: float = 0.1  # share of the pool held out as test, chosen by hash of the problem
     data_path: str | None = None  # JSONL/JSON/parquet rows with `target` and `nums`; None: generate
-    oneshot: bool = True  # one worked example as a user/assistant turn pair before the question (one-shot)
+    oneshot: bool = True  # a worked example of the problem's shape as a user/assistant pair before the question
     ops: str = "+-*/"  # operators the generator builds targets with (the verifier always accepts all four)
     reflection_prompt: ClassVar[str] = REFLECTION_PROMPT
     _pool: dict | None = field(default=None, init=False, repr=False)
@@ -71,6 +89,7 @@ class Countdown:
             raise TaskDataError(f"task {self.name!r}: ops must be a non-empty subset of '+-*/', got {self.ops!r}")
         if not 0 <= self.test_fraction < 1:
             raise TaskDataError(f"task {self.name!r}: test_fraction must be in [0, 1), got {self.test_fraction}")
+        self._oneshots()  # a shape with no example fails here, before any model loads
 
     def examples(self, split: str) -> list[dict]:
         """'train' or 'test' problems: dicts {id, nums, target} (+ `solution` when generated)."""
@@ -78,25 +97,31 @@ class Countdown:
             raise TaskDataError(f"unknown split {split!r} for task {self.name!r}; use 'train' or 'test'")
         if self._pool is None:
             self._pool = {"train": [], "test": []}
+            shown = {shot["id"] for shot in self._oneshots()}  # an example shown is never a problem of the data
             for ex in self._load():
-                self._pool[split_of(ex["id"], self.test_fraction)].append(ex)
+                if ex["id"] not in shown:
+                    self._pool[split_of(ex["id"], self.test_fraction)].append(ex)
         hint = f"raise num_examples (now {self.num_examples}) or test_fraction (now {self.test_fraction})"
         return list(require_nonempty(self._pool[split], self.name, split, hint))
 
     def prompt(self, example: dict) -> list[dict]:
         """The question as the last user turn; with `oneshot`, one solved example as a user/assistant pair
         before it (a chat-format example is what makes a small model answer with a bare equation). The
-        retry re-asks only the last turn."""
-        shot = ONESHOT if "*" in self.ops else ONESHOT_SUM
-        solved = (QUESTION.format(nums=shot["nums"], target=shot["target"]), shot["solution"])
-        return question_turns(QUESTION.format(nums=list(example["nums"]), target=example["target"]),
-                              solved if self.oneshot else None)
+        retry re-asks only the last turn. The example has as many numbers as `example` (oneshot_example)."""
+        question = QUESTION.format(nums=list(example["nums"]), target=example["target"])
+        if not self.oneshot:
+            return question_turns(question)
+        shot = oneshot_example(len(example["nums"]), self.ops)
+        return question_turns(question, (QUESTION.format(nums=shot["nums"], target=shot["target"]), shot["solution"]))
 
     def verify(self, example: dict, text: str) -> bool:
         return verify_equation(text, example["nums"], example["target"])
 
     def _sizes(self) -> list[int]:
         return [self.n_numbers] if isinstance(self.n_numbers, int) else list(self.n_numbers)
+
+    def _oneshots(self) -> list[dict]:
+        return [oneshot_example(k, self.ops) for k in self._sizes()] if self.oneshot else []
 
     def _load(self) -> list[dict]:
         if self.data_path is not None:
@@ -131,6 +156,21 @@ def generate(n: int, sizes: list[int], max_number: int, max_target: int, seed: i
             problems.append({"id": pid, "nums": nums, "target": int(value), "solution": text})
             misses = 0
     return problems
+
+
+def oneshot_example(size: int, ops: str) -> dict:
+    """The worked example shown before a problem of `size` numbers: {id, nums, target, solution}, with
+    only the operators in `ops`. From ONESHOTS when it has the shape, else the first problem the generator
+    draws with ONESHOT_SEED (numbers 1-9); a shape the generator cannot fill is a TaskDataError."""
+    ops = "".join(op for op in "+-*/" if op in ops)  # one key per set of operators, whatever the order
+    if (size, ops) in ONESHOTS:
+        nums, target, solution = ONESHOTS[size, ops]
+        return {"id": problem_id(nums, target), "nums": list(nums), "target": target, "solution": solution}
+    drawn = generate(1, [size], 9, 50, ONESHOT_SEED, ops)
+    if not drawn:
+        raise TaskDataError(f"no one-shot example with {size} numbers and operators {ops!r} (numbers 1-9, "
+                            f"targets <= 50); use other ops or oneshot=false")
+    return drawn[0]
 
 
 def random_expression(nums: list[int], rng: random.Random, ops: str = "+-*/") -> tuple[str, Fraction | None]:
