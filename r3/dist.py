@@ -192,7 +192,10 @@ def exit_now(code: int) -> None:
     """End this process at once with `code` after flushing stdout and stderr, skipping interpreter
     teardown: after an interrupt the process group may be half broken (a peer gone mid-collective),
     and destroying it or running its destructors at exit could block or abort. Files written with
-    `with open(...)` and DCP's files are already closed, so nothing on disk is lost."""
+    `with open(...)` and DCP's files are already closed, so nothing on disk is lost. Without a process
+    group there is nothing to tear down: a plain SystemExit, which a caller (or a test) can catch."""
+    if not dist.is_initialized():
+        sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
