@@ -7,10 +7,9 @@ One training step, numbered in `main` as PAPER.md section 3 numbers it: take a b
 G reflections per failure, retry once after each, reward the retries that succeed; 5 group advantages; 6-9
 one GRPO update on the reflection tokens only (r3.grpo.update). The failure set is built at start from the
 step-0 policy unless --failures gives one; --refresh_failures_every rebuilds it from the current policy (the
-paper keeps it fixed). Baselines: --method=grpo (plain GRPO, G first attempts per training query, loss on the
-attempts) and r3_retry (loss on reflections and retries). Departures from the paper, all options: token-level
-loss normalisation over the global batch (TRL's "dapo"); a reflection cut off at --max_reflection_tokens gets an
-end-of-turn token it never sampled, and it is trained (r3/rollout.py).
+paper keeps it fixed). Baselines: --method=grpo (plain GRPO on G first attempts per training query) and r3_retry
+(loss on reflections and retries). Departures from the paper: token-level loss normalisation over the global batch
+(TRL's "dapo"); a reflection cut off at --max_reflection_tokens gets an end-of-turn it never sampled, trained too.
 
 Outputs under --out_dir: failures.jsonl, metrics.jsonl (a row per step), samples.jsonl (one group's texts
 per step), metrics.png, checkpoints/step_NNNNNN (DCP, atomic), final/ (an HF model directory). A run resumes
@@ -94,7 +93,7 @@ RESUMABLE_CHANGES = {"steps", "eval_every", "eval_examples", "save_every", "keep
 
 def config_rules(c: TrainConfig, world: int) -> dict[str, tuple[bool, str]]:
     """field -> (its value is valid, what it must be), for every field a value alone decides."""
-    at_least = dict(train_examples=1, attempts=1, failures_per_query=0, refresh_failures_every=0, group_size=2,
+    at_least = dict(train_examples=1, attempts=1, failures_per_query=0, group_size=2,
                     temperature=0, retry_temperature=0, max_attempt_tokens=1, max_reflection_tokens=1, steps=1,
                     warmup_steps=0, weight_decay=0, micro_batch=1, beta=0, ppo_epochs=1, eval_every=0, eval_examples=0,
                     save_every=0, keep_checkpoints=1, seed=0, threads=0)
@@ -107,7 +106,9 @@ def config_rules(c: TrainConfig, world: int) -> dict[str, tuple[bool, str]]:
         "top_p": (0 < c.top_p <= 1, "in (0, 1]"), "lr": (c.lr > 0, "> 0"), "grad_clip": (c.grad_clip > 0, "> 0"),
         "clip_eps": (c.clip_eps > 0, "> 0"), "adv_scale": (c.adv_scale in ("group", "none"), "'group' or 'none'"),
         "method": (c.method in METHODS + ("grpo",), f"one of {', '.join(METHODS + ('grpo',))}"),
-        "shared_prefix": (isinstance(c.shared_prefix, bool), "true or false")}
+        "shared_prefix": (isinstance(c.shared_prefix, bool), "true or false"),
+        "refresh_failures_every": (c.refresh_failures_every >= 0 and (c.method != "grpo" or not c.refresh_failures_every),
+                                   ">= 0, and 0 with --method=grpo (it has no failure set)")}
 
 
 def check_config(cfg: TrainConfig, world: int):
@@ -223,6 +224,7 @@ def main(cfg: TrainConfig) -> None:
             # 5. group advantages (0 for zero-variance groups) and batch statistics over all ranks
             adv = group_advantages(ro.rewards, cfg.group_size, cfg.adv_scale)
             stats = rollout_stats(ro.rewards, cfg.group_size, ro.mask) | {"sampled_tokens": ro.sampled_tokens * world}
+            # (x world: the mean over ranks taken next turns the sampled tokens into their sum)
             sums = dist.all_reduce_sum(torch.tensor(list(stats.values())))
             stats = {k: float(v) / world for k, v in zip(stats, sums)}
             row = {"step": step + 1, **stats, "lr": sched.get_last_lr()[0]}
@@ -231,8 +233,7 @@ def main(cfg: TrainConfig) -> None:
             if stats["zero_variance_frac"] >= 1.0:
                 row.update(skipped=True, loss=0.0)
             else:
-                to_dev = {"ids": ro.ids.to(device), "pos": ro.pos.to(device), "mask": ro.mask.to(device),
-                          "advantages": adv.to(device)}
+                to_dev = {k: v.to(device) for k, v in dict(ids=ro.ids, pos=ro.pos, mask=ro.mask, advantages=adv).items()}
                 row.update(update(policy, ref, to_dev, opt, micro_batch=cfg.micro_batch, ppo_epochs=cfg.ppo_epochs,
                                   temperature=cfg.temperature, beta=cfg.beta, clip_eps=cfg.clip_eps,
                                   grad_clip=cfg.grad_clip, world=world, group_size=cfg.group_size,

@@ -68,19 +68,7 @@ def ours_from_hf(hf_model):
     return ours.eval()
 
 
-class ParityTask:
-    """Toy task: any text whose length is even is 'correct' (random models get ~50%)."""
-    name = "parity"
-    reflection_prompt = "You failed. Reflect."
-
-    def examples(self, split):
-        return [{"q": f"Say something, {i}."} for i in range(6)]
-
-    def prompt(self, ex):
-        return [{"role": "user", "content": ex["q"]}]
-
-    def verify(self, ex, text):
-        return len(text) % 2 == 0
+from toy_task import ParityTask  # noqa: E402,F401  (tests import it from here; subprocesses by path)
 
 
 @pytest.fixture(scope="session")

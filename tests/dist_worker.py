@@ -20,15 +20,21 @@ HF = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 97, "hidden_size": 32
       "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
 
 
-def main():
-    rank, world, device = dist.init()
-    torch.set_num_threads(1)
+def policy_and_reference():
+    """The same tiny random Qwen2 policy on every rank, and a reference 1% away (so the KL term is not zero)."""
     torch.manual_seed(0)
     policy, ref = Transformer(ModelConfig.from_hf(HF)), Transformer(ModelConfig.from_hf(HF))
     ref.load_state_dict(policy.state_dict())
-    with torch.no_grad():  # make the reference differ so the KL term is not zero
+    with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    return policy, ref
+
+
+def main():
+    rank, world, device = dist.init()
+    torch.set_num_threads(1)
+    policy, ref = policy_and_reference()
     g = torch.Generator().manual_seed(1)
     N, T = 8, 20
     ids = torch.randint(0, 97, (N, T), generator=g)

@@ -21,10 +21,8 @@ import torch  # noqa: E402
 
 import r3.grpo  # noqa: E402
 from r3 import dist  # noqa: E402
-from r3.model import ModelConfig, Transformer  # noqa: E402
+from dist_worker import HF, policy_and_reference  # noqa: E402
 
-HF = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48,
-      "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
 NO_CLIP = 1e30  # grad_clip: clip_grad_norm_ then multiplies every gradient by exactly 1.0
 
 
@@ -115,12 +113,7 @@ def main():
     mine = {k: v[rows] for k, v in batch.items()}
     out = {}
     for shared in (False, True):
-        torch.manual_seed(0)
-        policy, ref = Transformer(ModelConfig.from_hf(HF)), Transformer(ModelConfig.from_hf(HF))
-        ref.load_state_dict(policy.state_dict())
-        with torch.no_grad():  # make the reference differ so the KL term is not zero
-            for p in ref.parameters():
-                p.add_(0.01 * torch.randn_like(p))
+        policy, ref = policy_and_reference()  # the same tiny Qwen2 as tests/dist_worker.py
         policy, ref = dist.shard(policy, mixed_bf16=False), dist.shard(ref, mixed_bf16=False)
         # AdamW (nearly scale-free) with clipping off, so the recorded norms are update's unclipped ones
         opt = recording(torch.optim.AdamW)(policy.named_parameters(), lr=1e-3)
