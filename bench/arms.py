@@ -1,0 +1,254 @@
+"""Issue 14's experiment: R3 against the untrained model, plain GRPO, and R3 crediting reflection + retry.
+
+    python bench/arms.py run                       # every missing run of the grid, one after another (hours on a CPU)
+    python bench/arms.py run --only r3-s0          # one run
+    python bench/arms.py report                    # the table (markdown) and the plot, from the committed files alone
+
+Every trained arm uses train.py at the same budget: the same steps, G, learning rate and groups per step
+(train.py's defaults); only `--method` and `--seed` differ. Each trained model is then scored by
+`sample.py eval` on the whole held-out split (greedy: a first try, and on failure one reflection and one
+retry, PAPER.md section 7). The arms:
+    untrained   the default model, eval only
+    r3          --method=r3        the paper: GRPO on the reflection tokens only
+    grpo        --method=grpo      plain GRPO: G first attempts per training query, loss on the attempt tokens
+    r3_retry    --method=r3_retry  R3 whose loss also credits the retry tokens
+What each run leaves under bench/arms/<arm>-s<seed>/ (small, committed): eval.jsonl (one row per held-out
+problem: index, first, second, reflection length), metrics.jsonl (train.py's rows: per-step statistics and
+the periodic held-out evaluations that the plot draws), run.json (commands, wall time, sampled tokens, machine).
+A run whose eval.jsonl exists is done and is skipped; models and checkpoints stay under runs/arms/ (not committed).
+
+It does not: run arms in parallel (two CPU jobs on two cores distort both), or tune anything per arm.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from r3.jsonl import read_jsonl, write_jsonl_atomic  # noqa: E402
+from r3.evaluate import wilson  # noqa: E402
+
+OUT = ROOT / "bench" / "arms"
+SEEDS = {"r3": [0, 1, 2], "grpo": [0, 1, 2], "r3_retry": [0, 1]}
+EVAL_EVERY = 7  # train.py's periodic held-out evaluation, every N steps (the plot's points)
+EVAL_EXAMPLES = 128  # held-out problems in each periodic evaluation (the final eval uses the whole split)
+
+
+def runs() -> list[tuple[str, str, int | None]]:
+    """(name, arm, seed) of every run of the grid, untrained first."""
+    return [("untrained", "untrained", None)] + [(f"{a}-s{s}", a, s) for a, seeds in SEEDS.items() for s in seeds]
+
+
+def cpu_name() -> str:
+    try:
+        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def sh(cmd: list[str], log: Path) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    with open(log, "a") as f:
+        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        sys.exit(f"error: {' '.join(cmd[:4])} ... exited {r.returncode}; see {log}")
+
+
+def run_one(name: str, arm: str, seed: int | None, args) -> None:
+    dest, work = OUT / name, ROOT / "runs" / "arms" / name
+    if (dest / "eval.jsonl").exists():
+        print(f"{name}: done, skipped")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    py, log = sys.executable, work / "log.txt"
+    t0, commands = time.time(), []
+    model = "default"
+    if arm != "untrained":
+        train = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "train.py",
+                 f"--method={arm}", f"--seed={seed}", f"--out_dir={work}", f"--eval_every={EVAL_EVERY}",
+                 f"--eval_examples={EVAL_EXAMPLES}", f"--task={args.task}"] + args.extra
+        sh(train, log)  # resumes by itself when a checkpoint is there
+        commands.append(train)
+        model = str(work / "final")
+    t_train = time.time() - t0
+    ev = [py, "sample.py", "eval", f"--model={model}", f"--task={args.task}", "--num_examples=1000000",
+          f"--out={work / 'eval.json'}", f"--threads={args.threads}"]
+    sh(ev, log)
+    commands.append(ev)
+    result = json.loads((work / "eval.json").read_text())
+    dest.mkdir(parents=True, exist_ok=True)
+    rows = [{"i": i, "first": bool(r["first"]), "second": bool(r["second"]),
+             "reflection_chars": len(r.get("reflection", ""))} for i, r in enumerate(result["rows"])]
+    metrics = read_jsonl(work / "metrics.jsonl") if (work / "metrics.jsonl").exists() else []
+    if metrics:
+        write_jsonl_atomic(dest / "metrics.jsonl", metrics)
+    (dest / "run.json").write_text(json.dumps({
+        "arm": arm, "seed": seed, "task": args.task, "commands": [" ".join(c[1:]) for c in commands],
+        "train_s": round(t_train, 1), "wall_s": round(time.time() - t0, 1),
+        "sampled_tokens": int(sum(m.get("sampled_tokens", 0) for m in metrics)),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores", "n": len(rows)}, indent=1) + "\n")
+    write_jsonl_atomic(dest / "eval.jsonl", rows)  # last: its presence marks the run done
+    print(f"{name}: first {sum(r['first'] for r in rows)}/{len(rows)}, second {sum(r['second'] for r in rows)}/{len(rows)}")
+
+
+# ----------------------------------------------------------------------------- report
+
+def mcnemar(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
+    """Exact two-sided McNemar test on paired outcomes: (a right b wrong, a wrong b right, p)."""
+    n10 = sum(x and not y for x, y in zip(a, b))
+    n01 = sum(y and not x for x, y in zip(a, b))
+    n, k = n10 + n01, min(n10, n01)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return n10, n01, p
+
+
+def load() -> dict:
+    done = {}
+    for name, arm, seed in runs():
+        d = OUT / name
+        if (d / "eval.jsonl").exists():
+            done[name] = {"arm": arm, "seed": seed, "rows": read_jsonl(d / "eval.jsonl"),
+                          "run": json.loads((d / "run.json").read_text()),
+                          "metrics": read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []}
+    return done
+
+
+def pct(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{100 * k / n:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def report(args) -> None:
+    done = load()
+    missing = [n for n, _, _ in runs() if n not in done]
+    print(f"runs in: {len(done)} of {len(runs())}" + (f"; missing: {', '.join(missing)}" if missing else " (complete)"))
+    lines = ["| run | n | 1st try % [95% CI] | +reflection 2nd try % [95% CI] | sampled tokens | wall |",
+             "|---|---|---|---|---|---|"]
+    for name, r in done.items():
+        n = len(r["rows"])
+        k1, k2 = sum(x["first"] for x in r["rows"]), sum(x["second"] for x in r["rows"])
+        lines.append(f"| {name} | {n} | {pct(k1, n)} | {pct(k2, n)} | {r['run']['sampled_tokens']:,} | "
+                     f"{r['run']['wall_s'] / 60:.0f} min |")
+    lines += ["", "| arm | seeds | 1st try mean ± sd | 2nd try mean ± sd |", "|---|---|---|---|"]
+    by_arm: dict[str, list] = {}
+    for r in done.values():
+        by_arm.setdefault(r["arm"], []).append(r)
+    for arm, rs in by_arm.items():
+        cells = []
+        for key in ("first", "second"):
+            acc = [100 * sum(x[key] for x in r["rows"]) / len(r["rows"]) for r in rs]
+            mean = sum(acc) / len(acc)
+            sd = math.sqrt(sum((a - mean) ** 2 for a in acc) / (len(acc) - 1)) if len(acc) > 1 else float("nan")
+            cells.append(f"{mean:.1f} ± {sd:.1f}")
+        lines.append(f"| {arm} | {len(rs)} | {cells[0]} | {cells[1]} |")
+    lines += ["", "Paired exact McNemar tests on the same problems (seed-matched; the untrained model against each seed):",
+              "", "| comparison | try | A right, B wrong | A wrong, B right | p |", "|---|---|---|---|---|"]
+    for a_arm, b_arm in (("r3", "untrained"), ("r3", "grpo"), ("r3", "r3_retry")):
+        for ra in by_arm.get(a_arm, []):
+            partners = by_arm.get(b_arm, [])
+            rb = partners[0] if b_arm == "untrained" else next((r for r in partners if r["seed"] == ra["seed"]), None)
+            if rb is None:
+                continue
+            for key in ("first", "second"):
+                n10, n01, p = mcnemar([x[key] for x in ra["rows"]], [x[key] for x in rb["rows"]])
+                b_name = b_arm if b_arm == "untrained" else f"{b_arm}-s{rb['seed']}"
+                lines.append(f"| {a_arm}-s{ra['seed']} vs {b_name} "
+                             f"| {key} | {n10} | {n01} | {p:.3g} |")
+    lines += ["", "The paper's claims, at this scale (PAPER.md section 8):"] + claims(by_arm)
+    text = "\n".join(lines)
+    print(text)
+    (OUT / "table.md").write_text(text + "\n")
+    plot(by_arm, OUT / "accuracy_vs_step.png")
+
+
+def claims(by_arm: dict) -> list[str]:
+    """Each claim stated with the numbers that decide it, seen or not."""
+    base, r3 = by_arm.get("untrained", []), by_arm.get("r3", [])
+    if not base or not r3:
+        return ["- not checked: the untrained run and at least one r3 run are needed"]
+
+    def acc(r, key):
+        return 100 * sum(x[key] for x in r["rows"]) / len(r["rows"])
+
+    out = []
+    for key, what in (("first", "the first try improves although only reflections are rewarded"),
+                      ("second", "the trained model's second try beats the untrained model's")):
+        b, t = acc(base[0], key), [acc(r, key) for r in r3]
+        seen = all(x > b for x in t)
+        out.append(f"- {what}: {'seen' if seen else 'NOT seen'} (untrained {b:.1f}%, r3 seeds "
+                   + ", ".join(f"{x:.1f}%" for x in t) + ")")
+    lens = []
+    for r in r3:
+        rows = [m for m in r["metrics"] if "reflection_len" in m]
+        k = max(1, len(rows) // 5)
+        if rows:
+            lens.append((sum(m["reflection_len"] for m in rows[:k]) / k, sum(m["reflection_len"] for m in rows[-k:]) / k))
+    if lens:
+        seen = all(b < a for a, b in lens)
+        out.append(f"- reflections get shorter: {'seen' if seen else 'NOT seen'} (mean tokens, first vs last fifth of "
+                   "the steps: " + ", ".join(f"{a:.1f} -> {b:.1f}" for a, b in lens) + ")")
+    return out
+
+
+def plot(by_arm: dict, png: Path) -> None:
+    """Held-out first- and second-try accuracy against training step: mean over seeds, seeds' range shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = by_arm.get("untrained", [None])[0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, key, title in zip(axes, ("eval_first", "eval_second"), ("1st try", "+reflection 2nd try")):
+        for arm, rs in by_arm.items():
+            if arm == "untrained":
+                continue
+            steps = sorted({m["step"] for r in rs for m in r["metrics"] if key in m})
+            per_step = [[m[key] for r in rs for m in r["metrics"] if m.get("step") == s and key in m] for s in steps]
+            if base is not None:  # step 0: the untrained model on the same first EVAL_EXAMPLES problems
+                rows = base["rows"][:EVAL_EXAMPLES]
+                steps, per_step = [0] + steps, [[sum(x[key[5:]] for x in rows) / len(rows)]] + per_step
+            mean = [100 * sum(v) / len(v) for v in per_step]
+            ax.plot(steps, mean, marker=".", label=f"{arm} ({len(rs)} seeds)")
+            ax.fill_between(steps, [100 * min(v) for v in per_step], [100 * max(v) for v in per_step], alpha=0.2)
+        ax.set_title(f"held-out {title} (first {EVAL_EXAMPLES} problems)")
+        ax.set_xlabel("training step")
+    axes[0].set_ylabel("accuracy %")
+    axes[0].legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    print(f"plot: {png}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("job", choices=["run", "report"])
+    ap.add_argument("--only", default="", help="comma-separated run names (e.g. r3-s0,grpo-s0); default: all missing")
+    ap.add_argument("--task", default="countdown2", help="the task every arm trains and is scored on (countdown2: "
+                    "745 held-out problems; countdown_easy has 40)")
+    ap.add_argument("--nproc", type=int, default=2, help="torchrun ranks per training run")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the final evaluation")
+    ap.add_argument("extra", nargs="*", help="more train.py flags, the same for every arm (after --)")
+    args = ap.parse_args()
+    if args.job == "report":
+        return report(args)
+    only = set(filter(None, args.only.split(",")))
+    for name, arm, seed in runs():
+        if not only or name in only:
+            run_one(name, arm, seed, args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
