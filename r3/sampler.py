@@ -36,8 +36,8 @@ What is reused, and what is not: within one call, every distinct prompt prefix t
 share (>= min_shared tokens) is prefilled once; e.g. the G retry conversations of one failure
 (context + reflection_i + retry turn) share the context. Nothing is kept across calls: the retry call
 re-prefills the context once per failure and each reflection once per sample. (Continuing the
-reflection call's cache would also save the reflection tokens, but the retry prompt is re-rendered by
-the chat template, whose tokens need not equal the sampled ones, and finished rows are dropped.)
+reflection call's cache would also save the reflection tokens: rollout.py builds the retry prompt from
+the sampled ids, so it is possible, but finished rows are dropped from the cache and nothing keeps it.)
 
 Reproducibility: all randomness comes from one torch.Generator seeded with `seed`, so the same call
 with the same seed gives the same samples. A sample's draws depend on the other rows of the call
