@@ -90,7 +90,10 @@ def print0(*args, **kwargs) -> None:
 
 # ----------------------------------------------------------------------------- stopping: signals
 
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")  # gloo's RuntimeError when a peer exits
+# Errors that follow a stop rather than cause one, counted as the interrupt when this rank got a stop signal:
+# gloo's RuntimeError when a peer exits, and torch.save's when the interrupt cut a checkpoint file mid-write
+# (its writer then fails in __exit__; DCP wraps that; the half-written checkpoint is a .tmp that resume ignores).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "inline_container.cc")
 _stop: dict = {"signal": None, "handled": threading.Event()}  # set by install_stop_handlers and the handler
 
 
