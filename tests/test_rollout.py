@@ -102,6 +102,19 @@ def check_padding(ro, lengths, eot):
     assert ro.pos.tolist() == [list(range(ro.ids.shape[1]))] * len(lengths)
 
 
+def check_prompt_plus_sample_rows(ro, prompts, samples, eot):
+    """Row i = its group's prompt ids + sample i's sampled ids + end-of-turn, the mask on exactly the last two,
+    end-of-turn padding after it, and the rows of a group identical before their first masked token."""
+    lengths = []
+    for i, s in enumerate(samples):
+        row = prompts[i // G] + sampled(s) + [eot]
+        assert ro.ids[i, :len(row)].tolist() == row
+        assert ro.ids[i][ro.mask[i]].tolist() == sampled(s) + [eot]
+        lengths.append(len(row))
+    check_padding(ro, lengths, eot)
+    check_groups_share_prefix(ro, G)
+
+
 def rollout(model, tok, method="r3", seed=5):
     return r3.rollout.rollout(model, tok, EvenTask(), FAILURES, G, max_reflection_tokens=8, max_retry_tokens=6,
                               temperature=T_REFLECT, retry_temperature=T_RETRY, seed=seed, method=method)
@@ -130,14 +143,7 @@ def test_rollout_follows_the_papers_conversation(model, default_tok, calls):
     assert 0 < ro.rewards.sum() < len(ro.rewards), "all rewards equal: pick another seed, this checks nothing"
     assert [t["retry"] for t in ro.texts] == retries
     # 4. rows: context ids + the sampled reflection ids + end-of-turn; the mask on exactly the last two
-    lengths = []
-    for i, s in enumerate(refl["samples"]):
-        row = refl["prompts"][i // G] + sampled(s) + [eot]
-        assert ro.ids[i, :len(row)].tolist() == row
-        assert ro.ids[i][ro.mask[i]].tolist() == sampled(s) + [eot]
-        lengths.append(len(row))
-    check_padding(ro, lengths, eot)
-    check_groups_share_prefix(ro, G)
+    check_prompt_plus_sample_rows(ro, refl["prompts"], refl["samples"], eot)
 
 
 def test_training_rows_hold_the_sampled_ids_and_their_sampled_logprobs(model, default_tok, calls):
@@ -226,14 +232,7 @@ def test_grpo_mask_covers_the_first_attempts_only(model, default_tok, calls):
     attempts = [tok.decode(s.ids, skip_special_tokens=True) for s in call["samples"]]
     assert ro.rewards.tolist() == [float(len(y) % 2 == 0) for y in attempts]
     assert [t["attempt"] for t in ro.texts] == attempts
-    lengths = []
-    for i, s in enumerate(call["samples"]):
-        row = call["prompts"][i // G] + sampled(s) + [eot]
-        assert ro.ids[i, :len(row)].tolist() == row
-        assert ro.ids[i][ro.mask[i]].tolist() == sampled(s) + [eot]
-        lengths.append(len(row))
-    check_padding(ro, lengths, eot)
-    check_groups_share_prefix(ro, G)
+    check_prompt_plus_sample_rows(ro, call["prompts"], call["samples"], eot)
 
 
 def test_two_tries_renders_the_retry_prompt_from_the_reflection_text(model, default_tok, calls):
