@@ -236,8 +236,9 @@ def main() -> None:
     ap.add_argument("job", choices=["run", "report"])
     ap.add_argument("--only", default="", help="comma-separated run names (e.g. r3-s0,grpo-s0); default: all missing")
     ap.add_argument("--task", default="countdown2", help="the task every arm trains and is scored on (countdown2: "
-                    "745 held-out problems; countdown_easy has 40)")
-    ap.add_argument("--nproc", type=int, default=2, help="torchrun ranks per training run")
+                    "506 held-out problems; countdown_easy has 40)")
+    ap.add_argument("--nproc", type=int, default=1, help="torchrun ranks per training run (on 2 cores one rank with 2 "
+                    "threads is faster than 2 ranks with 1: 40.8 vs 61.0 s per step, bench/RESULTS.md)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the final evaluation")
     ap.add_argument("extra", nargs="*", help="more train.py flags, the same for every arm (after --)")
     args = ap.parse_args()
