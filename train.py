@@ -3,13 +3,13 @@
     torchrun --standalone --nproc_per_node=2 train.py            # the default job (CPU, gloo)
     python train.py --steps=4 --task=my_task:MyTask               # one process; a task of one's own (README)
 
-One training step, numbered in `main` as PAPER.md section 3 numbers it: take a batch of failures; 1-4 sample
-G reflections per failure, retry once after each, reward the retries that succeed; 5 group advantages; 6-9
-one GRPO update on the reflection tokens only (r3.grpo.update). The failure set is built at start from the
-step-0 policy unless --failures gives one; --refresh_failures_every rebuilds it from the current policy (the
-paper keeps it fixed). Baselines: --method=grpo (plain GRPO on G first attempts per training query) and r3_retry
-(loss on reflections and retries). Departures from the paper: token-level loss normalisation over the global batch
-(TRL's "dapo"); a reflection cut off at --max_reflection_tokens gets an end-of-turn it never sampled, trained too.
+One training step, numbered in `main` as PAPER.md section 3 numbers it: take a batch of failures; 1-4 sample G
+reflections per failure, retry once after each, reward the retries that succeed; 5 group advantages; 6-9 one GRPO
+update on the reflection tokens only (r3.grpo.update). The failure set is built at start from the step-0 policy
+unless --failures gives one; --refresh_failures_every rebuilds it from the current policy (the paper keeps it
+fixed). Baselines: --method=grpo (plain GRPO on G first attempts per training query) and r3_retry (loss on
+reflections and retries). Departures from the paper: token-level loss normalisation over the global batch (TRL's
+"dapo"); a reflection cut off at --max_reflection_tokens gets an end-of-turn it never sampled, trained too.
 
 Outputs under --out_dir: failures.jsonl, metrics.jsonl (a row per step), samples.jsonl (one group's texts
 per step), metrics.png, checkpoints/step_NNNNNN (DCP, atomic), final/ (an HF model directory). A run resumes
@@ -157,24 +157,25 @@ def first_failures(policy, tok, task, cfg: TrainConfig, out: Path, given, rank: 
 
 
 def build_failures(policy, tok, task, cfg: TrainConfig, rank: int, world: int, seed: int) -> tuple[list[dict], float]:
-    """Each rank samples first attempts for its share of the training queries; all ranks get the union."""
+    """Each rank samples first attempts for its slice of the queries (query i seeded by i); all get the union."""
     examples = task.examples("train")[: cfg.train_examples]
+    lo, hi = rank * len(examples) // world, (rank + 1) * len(examples) // world
     with dist.unsharded(policy), torch.no_grad():
-        fails, ok = collect_failures(policy, tok, task, examples[rank::world], cfg.attempts, cfg.failures_per_query,
-                                     cfg.max_attempt_tokens, cfg.temperature, cfg.top_p, step_seed(seed, 0, rank))
+        fails, ok = collect_failures(policy, tok, task, examples[lo:hi], cfg.attempts, cfg.failures_per_query,
+                                     cfg.max_attempt_tokens, cfg.temperature, cfg.top_p, step_seed(seed, 0), first=lo)
     total_ok = int(dist.all_reduce_sum(torch.tensor(float(ok))))
     return dist.gather_lists(fails), total_ok / max(1, len(examples) * cfg.attempts)
 
 
-def sample_groups(policy, tok, task, cfg: TrainConfig, mine: list[dict], seed: int):
-    """Steps 1-4 on this rank's groups, full weights gathered once: R3's reflect -> retry -> reward on failures,
-    or plain GRPO's G first attempts per training query (r3/rollout.py)."""
+def sample_groups(policy, tok, task, cfg: TrainConfig, mine: list[dict], seed: int, first: int):
+    """Steps 1-4 on this rank's groups (r3/rollout.py: R3 on failures or plain GRPO on queries), full weights
+    gathered once; group i is seeded by its index `first` + i in the global batch: any world size samples alike."""
     with dist.unsharded(policy), torch.no_grad():
         if cfg.method == "grpo":
             return grpo_rollout(policy, tok, task, [m["example"] for m in mine], cfg.group_size, cfg.max_attempt_tokens,
-                                cfg.temperature, cfg.top_p, seed)
+                                cfg.temperature, cfg.top_p, seed, first=first)
         return rollout(policy, tok, task, mine, cfg.group_size, cfg.max_reflection_tokens, cfg.max_attempt_tokens,
-                       cfg.temperature, cfg.retry_temperature, cfg.top_p, seed, method=cfg.method)
+                       cfg.temperature, cfg.retry_temperature, cfg.top_p, seed, method=cfg.method, first=first)
 
 
 def main(cfg: TrainConfig) -> None:
@@ -219,7 +220,7 @@ def main(cfg: TrainConfig) -> None:
             batch, order, cursor = next_failures(failures, order, cursor, cfg.failures_per_step, cfg.seed, step)
             mine = batch[rank * per_rank:(rank + 1) * per_rank]
             # 1-4. context, G reflections per failure, one retry after each, binary rewards (grpo: G first attempts)
-            ro = sample_groups(policy, tok, task, cfg, mine, step_seed(cfg.seed, step + 1, rank))
+            ro = sample_groups(policy, tok, task, cfg, mine, step_seed(cfg.seed, step + 1), first=rank * per_rank)
             t_rollout = time.time() - t0
             # 5. group advantages (0 for zero-variance groups) and batch statistics over all ranks
             adv = group_advantages(ro.rewards, cfg.group_size, cfg.adv_scale)

@@ -215,7 +215,7 @@ def run_r3(spec: dict, shared_prefix: bool = True) -> dict:
         with torch.no_grad():
             ro = r3.rollout.rollout(policy, tok, task, failures[step * F:(step + 1) * F], cfg.group_size,
                                     cfg.max_reflection_tokens, cfg.max_attempt_tokens, cfg.temperature,
-                                    cfg.retry_temperature, cfg.top_p, step_seed(cfg.seed, step + 1, 0))
+                                    cfg.retry_temperature, cfg.top_p, step_seed(cfg.seed, step + 1))
         t_rollout = time.perf_counter() - t0
         adv = group_advantages(ro.rewards, cfg.group_size, cfg.adv_scale)
         stats = update(policy, ref, {"ids": ro.ids, "pos": ro.pos, "mask": ro.mask, "advantages": adv}, opt,

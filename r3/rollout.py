@@ -23,6 +23,10 @@ A sample's stop token is dropped and one end-of-turn id appended: for a sample t
 token it sampled. NOTE: a sample cut off at its max_new_tokens also gets an end-of-turn it never
 sampled, and it is trained (TRL leaves a truncated completion without one).
 
+Seeds: item i of a call (a failure, a query) draws from streams derived from (seed, first + i) alone
+(r3/sampler.py); train.py passes `first` = the index of its first item in the step's global batch, so
+N ranks, each with a slice, sample what one process does with the whole batch.
+
 `two_tries` (the paper's evaluation) and `collect_failures` work on text and are unchanged: the
 evaluation's retry prompt is rendered from the decoded reflection, so its numbers stay comparable.
 
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from r3.chat import end_of_turn_id, render_chat, render_prompt
-from r3.sampler import Sample, generate
+from r3.sampler import Sample, derive_seed, generate
 
 METHODS = ("r3", "r3_retry")  # rollout's methods; plain GRPO is grpo_rollout (it starts from queries, not failures)
 
@@ -102,22 +106,28 @@ def build_batch(tok, convs: list[list[dict]], pad_id: int) -> tuple[torch.Tensor
 
 
 def _first_samples(model, tok, task, examples: list[dict], n: int, max_new_tokens: int, temperature: float,
-                   top_p: float, seed: int) -> tuple[list[list[int]], list[Sample]]:
+                   top_p: float, seed: int, first: int = 0) -> tuple[list[list[int]], list[Sample]]:
     """The task prompts' ids and n first attempts per example (prefix-shared), example-major."""
     prompts = [render_prompt(tok, task.prompt(ex)) for ex in examples]
     return prompts, generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, stop_ids=[end_of_turn_id(tok)], seed=seed)
+                             top_p=top_p, stop_ids=[end_of_turn_id(tok)], seed=item_seeds(seed, first, len(prompts)))
+
+
+def item_seeds(seed: int, first: int, count: int) -> list[int]:
+    """The seeds of items first .. first + count - 1 of a batch seeded by `seed` (see the module docstring)."""
+    return [derive_seed(seed, first + i) for i in range(count)]
 
 
 def first_attempts(model, tok, task, examples: list[dict], n: int, max_new_tokens: int, temperature: float,
-                   top_p: float = 1.0, seed: int = 0) -> list[str]:
+                   top_p: float = 1.0, seed: int = 0, first: int = 0) -> list[str]:
     """n first attempts per example (prefix-shared), example-major, as text."""
-    return _texts(tok, _first_samples(model, tok, task, examples, n, max_new_tokens, temperature, top_p, seed)[1])
+    return _texts(tok, _first_samples(model, tok, task, examples, n, max_new_tokens, temperature, top_p, seed,
+                                      first)[1])
 
 
 def reflect_and_retry(model, tok, task, failures: list[dict], group_size: int, max_reflection_tokens: int,
                       max_retry_tokens: int, temperature: float, retry_temperature: float, top_p: float = 1.0,
-                      seed: int = 0, retry_from_text: bool = False) -> list[dict]:
+                      seed: int = 0, retry_from_text: bool = False, first: int = 0) -> list[dict]:
     """Steps 1-4 for failures [{example, attempt}, ...]. One dict per row (failure-major, G per failure):
     context (the reflection prompt's ids, the same for the whole group), reflection and retry (sampled ids
     as trained: stop token dropped, end-of-turn appended), retry_prompt (the ids the retry was sampled
@@ -126,8 +136,9 @@ def reflect_and_retry(model, tok, task, failures: list[dict], group_size: int, m
     G, eot = group_size, end_of_turn_id(tok)
     contexts = [reflection_context(task, f["example"], f["attempt"]) for f in failures]
     prompts = [render_prompt(tok, c) for c in contexts]
+    seeds = item_seeds(seed, first, len(failures))  # failure f's reflections use seeds[f]; its retries derive from it
     reflections = generate(model, prompts, n=G, max_new_tokens=max_reflection_tokens, temperature=temperature,
-                           top_p=top_p, stop_ids=[eot], seed=seed)
+                           top_p=top_p, stop_ids=[eot], seed=seeds)
     refl_texts = _texts(tok, reflections)
     questions = [task.prompt(f["example"])[-1] for f in failures]  # the question asked again: the last turn only
     if retry_from_text:
@@ -137,7 +148,8 @@ def reflect_and_retry(model, tok, task, failures: list[dict], group_size: int, m
         reask = [_reask_ids(tok, c, q) for c, q in zip(contexts, questions)]
         retry_prompts = [prompts[i // G] + _turn(s, eot) + reask[i // G] for i, s in enumerate(reflections)]
     retries = generate(model, retry_prompts, n=1, max_new_tokens=max_retry_tokens, temperature=retry_temperature,
-                       top_p=top_p, stop_ids=[eot], seed=seed + 1)
+                       top_p=top_p, stop_ids=[eot], seed=[derive_seed(seeds[i // G], "retry", i % G)
+                                                          for i in range(len(retry_prompts))])
     retry_texts = _texts(tok, retries)
     return [{"context": prompts[i // G], "reflection": _turn(reflections[i], eot), "retry_prompt": retry_prompts[i],
              "retry": _turn(retries[i], eot), "reflection_text": refl_texts[i], "retry_text": retry_texts[i],
@@ -146,13 +158,13 @@ def reflect_and_retry(model, tok, task, failures: list[dict], group_size: int, m
 
 def rollout(model, tok, task, failures: list[dict], group_size: int, max_reflection_tokens: int, max_retry_tokens: int,
             temperature: float, retry_temperature: float, top_p: float = 1.0, seed: int = 0,
-            method: str = "r3") -> Rollout:
+            method: str = "r3", first: int = 0) -> Rollout:
     """Reflect -> retry -> reward for a batch of failures; `method` "r3" trains the reflections, "r3_retry"
     the reflections and the retries (see the module docstring)."""
     if method not in METHODS:
         raise ValueError(f"unknown rollout method {method!r}; known: {', '.join(METHODS)}")
     rows = reflect_and_retry(model, tok, task, failures, group_size, max_reflection_tokens, max_retry_tokens,
-                             temperature, retry_temperature, top_p, seed)
+                             temperature, retry_temperature, top_p, seed, first=first)
     segments = []
     for r in rows:
         seg = [(r["context"], False), (r["reflection"], True)]
@@ -167,11 +179,11 @@ def rollout(model, tok, task, failures: list[dict], group_size: int, max_reflect
 
 
 def grpo_rollout(model, tok, task, examples: list[dict], group_size: int, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0, seed: int = 0) -> Rollout:
+                 top_p: float = 1.0, seed: int = 0, first: int = 0) -> Rollout:
     """Plain GRPO, no reflection: G first attempts per query (one prefill each), reward task.verify, the
     mask on the attempts' sampled ids + end-of-turn (see the module docstring)."""
     G, eot = group_size, end_of_turn_id(tok)
-    prompts, samples = _first_samples(model, tok, task, examples, G, max_new_tokens, temperature, top_p, seed)
+    prompts, samples = _first_samples(model, tok, task, examples, G, max_new_tokens, temperature, top_p, seed, first)
     attempts = _texts(tok, samples)
     rewards = [float(task.verify(examples[i // G], y)) for i, y in enumerate(attempts)]
     ids, pos, mask = pack_rows([[(prompts[i // G], False), (_turn(s, eot), True)] for i, s in enumerate(samples)], eot)
@@ -182,10 +194,10 @@ def grpo_rollout(model, tok, task, examples: list[dict], group_size: int, max_ne
 
 
 def collect_failures(model, tok, task, examples: list[dict], attempts: int, max_per_example: int, max_new_tokens: int,
-                     temperature: float, top_p: float = 1.0, seed: int = 0) -> tuple[list[dict], int]:
+                     temperature: float, top_p: float = 1.0, seed: int = 0, first: int = 0) -> tuple[list[dict], int]:
     """Sample `attempts` first attempts per example and keep the failed ones (at most `max_per_example`
     per example; 0 keeps all). Returns ([{task, example, attempt}], number of successful attempts)."""
-    texts = first_attempts(model, tok, task, examples, attempts, max_new_tokens, temperature, top_p, seed)
+    texts = first_attempts(model, tok, task, examples, attempts, max_new_tokens, temperature, top_p, seed, first)
     failures, successes = [], 0
     for j, ex in enumerate(examples):
         kept = 0

@@ -39,11 +39,13 @@ re-prefills the context once per failure and each reflection once per sample. (C
 reflection call's cache would also save the reflection tokens: rollout.py builds the retry prompt from
 the sampled ids, so it is possible, but finished rows are dropped from the cache and nothing keeps it.)
 
-Reproducibility: all randomness comes from one torch.Generator seeded with `seed`, so the same call
-with the same seed gives the same samples. A sample's draws depend on the other rows of the call
-(batch layout), so the same seed with different prompts gives different samples for the same prompt.
-Greedy (temperature 0) results do not depend on the other prompts of the call, up to the last-bit
-differences of differently shaped matmuls (see tests/test_sampler.py, which checks exact equality).
+Reproducibility: every sample draws from a random stream of its own, one uniform per token, seeded by
+its prompt's seed and its index among that prompt's n samples (`derive_seed`). `seed` is one int (prompt p
+gets derive_seed(seed, p)) or one int per prompt. With per-prompt seeds that the caller keys by something
+other than the position in the call (train.py: the failure's index in the step's global batch), a
+sample does not depend on the other prompts of the call, their order or the batch size, so one process
+and N ranks splitting the same prompts draw the same samples (tests/test_torchrun.py), up to last-bit
+differences of differently shaped matmuls (greedy output is checked exactly in tests/test_sampler.py).
 
 FSDP2: the call runs under torch.no_grad() (not inference_mode: parameters FSDP gathers there would
 become inference tensors that the next training step cannot use) inside `r3.dist.unsharded(model)`,
@@ -62,6 +64,7 @@ with N * S: the caller bounds the batch).
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -128,10 +131,11 @@ STATIC_CACHES: dict[tuple, KVCache] = {}  # compile=True: (L, N, Hkv, length, D,
 STATIC_MULTIPLE = 256  # compile=True: cache lengths are rounded up to this, so near shapes share a graph
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator):
+def sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor):
     """logits (B, V) -> tokens (B,), their log-probs (B,) under the distribution sampled from:
     softmax(logits / temperature) restricted to the top-p nucleus and renormalised. Greedy
-    (temperature 0) takes the argmax (first on ties) and reports log_softmax(logits), i.e. temperature 1."""
+    (temperature 0) takes the argmax (first on ties) and reports log_softmax(logits), i.e. temperature 1.
+    u (B,) holds each row's uniform in [0, 1) for this token (unused when greedy)."""
     logits = logits.float()
     if temperature == 0:
         tok = logits.argmax(-1)
@@ -148,7 +152,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     # (about 10x slower here for V = 49k). right=True never picks a zero-probability token; if rounding
     # makes u reach the total (p ~ 1e-7) the index is V, and the argmax, always in the nucleus, is taken.
     cdf = logp.exp().cumsum(-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    u = u[:, None].to(cdf.dtype) * cdf[:, -1:]  # (B, 1)
     tok = torch.searchsorted(cdf, u, right=True)[:, 0]
     tok = torch.where(tok < cdf.shape[-1], tok, logits.argmax(-1))
     return tok, logp.gather(-1, tok[:, None])[:, 0]
@@ -239,14 +243,44 @@ def prefill_shared(model: Transformer, prompts: list[list[int]], batch: int, max
     return cache, prefill(model, cache, suffixes, start)  # level 2: every prompt's own suffix
 
 
+def derive_seed(seed: int, *keys) -> int:
+    """A seed for the item `keys` of whatever `seed` seeds (a prompt of a call, a sample of a prompt):
+    a 63-bit hash, so different (seed, keys) give unrelated streams and no arithmetic collides."""
+    text = ",".join(map(str, (seed, *keys)))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def prompt_seeds(seed: int | Sequence[int], count: int) -> list[int]:
+    """One seed per item: `seed` as given when it is a sequence of `count` ints, else derive_seed(seed, i)."""
+    if isinstance(seed, int):
+        return [derive_seed(seed, i) for i in range(count)]
+    seeds = [int(x) for x in seed]
+    if len(seeds) != count:
+        raise ValueError(f"{len(seeds)} seeds for {count} prompts: give one int, or one seed per prompt")
+    return seeds
+
+
+def uniforms(seeds: list[int], n: int, steps: int) -> torch.Tensor:
+    """(len(seeds) * n, steps) uniforms, prompt-major: row p * n + j is the stream of sample j of prompt p,
+    drawn on the CPU (the same numbers on every device)."""
+    g = torch.Generator()
+    rows = []
+    for s in seeds:
+        for j in range(n):
+            g.manual_seed(derive_seed(s, j))
+            rows.append(torch.rand(steps, generator=g))
+    return torch.stack(rows)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
-             seed: int | None = None, return_logprobs: bool = False, min_shared: int = 32,
+             seed: int | Sequence[int] | None = None, return_logprobs: bool = False, min_shared: int = 32,
              compact_every: int = 8, compile: bool = False) -> list[Sample]:
     """Sample n continuations of every prompt (see the module docstring); len(prompts) * n Samples,
     prompt-major. temperature 0 is greedy (top_p then unused). A sample ends after the first of
-    `stop_ids` it samples, or after max_new_tokens. `seed` None draws a fresh seed. min_shared: the
+    `stop_ids` it samples, or after max_new_tokens. `seed`: one int, one per prompt (a prompt's samples then
+    do not depend on the rest of the call), or None (a fresh one). min_shared: the
     shortest common prefix prefilled once for several prompts; compact_every: steps between drops of
     finished rows (with `compile`: steps between checks that all rows have stopped). return_logprobs
     fills Sample.logprobs. compile: decode with the compiled static-shape step (module docstring)."""
@@ -262,11 +296,10 @@ def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_t
         cache, logits = prefill_shared(model, uniq, N, max_new_tokens, min_shared, static=compile)
         dev = cache.kv.device
         step_fn = compiled_decode(dev) if compile else decode_one_token
-        g = torch.Generator(device=dev)  # all randomness of the call; never the global RNG
         if seed is None:
-            g.seed()
-        else:
-            g.manual_seed(seed)
+            seed = torch.Generator().seed()  # a fresh one; never the global RNG
+        # every sample's own stream, one uniform per step (greedy draws none)
+        u = uniforms(prompt_seeds(seed, len(prompts)), n, max_new_tokens).to(dev) if temperature > 0 else None
         if rows != list(range(N)):  # copy each unique prompt's rows to its samples
             rows_t = torch.tensor(rows, device=dev)
             cache.select(rows_t)
@@ -279,7 +312,7 @@ def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_t
         alive = torch.arange(N, device=dev)  # sample index of each cache row
         done = torch.zeros(N, dtype=torch.bool, device=dev)
         for step in range(max_new_tokens):
-            tok, lp = sample(logits, temperature, top_p, g)
+            tok, lp = sample(logits, temperature, top_p, u[alive, step] if u is not None else None)
             out[alive, step], lps[alive, step] = tok, lp
             done |= torch.isin(tok, stops)
             if step == max_new_tokens - 1:

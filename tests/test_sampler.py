@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import ours_from_hf, tiny_hf_model
-from r3.sampler import _share_plan, generate, sample
+from r3.sampler import _share_plan, derive_seed, generate, sample
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -108,6 +108,28 @@ def test_same_seed_reproduces_and_another_seed_differs(tiny):
     assert len({tuple(x) for x in a[:4]}) > 1, "the n samples of one prompt should differ at temperature 1"
 
 
+def test_a_prompt_with_its_own_seed_samples_the_same_whatever_else_is_in_the_call(tiny):
+    """What makes one process and N ranks sample alike: with per-prompt seeds, a prompt's samples do not
+    depend on the other prompts of the call, their order, or rows that stop early and leave the batch."""
+    p, q, r = _prompts([7, 12, 30], seed=11)
+    kw = dict(n=3, max_new_tokens=16, temperature=0.9, top_p=0.95)
+    alone = [s.ids for s in generate(tiny, [q], seed=[42], **kw)]
+    first = generate(tiny, [p, q, r], seed=[5, 42, 6], **kw)
+    stops = {first[0].ids[1], first[6].ids[3]}  # rows of p and r finish early and are compacted away
+    for prompts, seeds, at in (([q, p], [42, 5], 0), ([p, r, q], [5, 6, 42], 2)):
+        got = generate(tiny, prompts, seed=seeds, **kw)
+        assert [s.ids for s in got[3 * at:3 * at + 3]] == alone
+    cut = generate(tiny, [p, q, r], seed=[5, 42, 6], stop_ids=stops, compact_every=1, **kw)
+    for s, a in zip(cut[3:6], alone):
+        n = next((j + 1 for j, t in enumerate(a) if t in stops), len(a))
+        assert s.ids == a[:n]
+    # one int seed is one seed per prompt position: prompt i gets derive_seed(seed, i)
+    assert [s.ids for s in generate(tiny, [p, q], seed=9, **kw)] == \
+        [s.ids for s in generate(tiny, [p, q], seed=[derive_seed(9, 0), derive_seed(9, 1)], **kw)]
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        generate(tiny, [p, q, r], seed=[1, 2], **kw)
+
+
 def test_stops_at_stop_token_and_at_max_new_tokens(tiny):
     prompts = _prompts([6, 15, 3], seed=7)
     free = generate(tiny, prompts, max_new_tokens=30, temperature=0)
@@ -148,11 +170,11 @@ def test_logprobs_equal_log_softmax_of_full_forward(tiny, temperature):
 
 def test_top_p_samples_only_from_the_nucleus_and_renormalises():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
-    tok, lp = sample(logits, 1.0, 0.8, torch.Generator().manual_seed(0))
+    tok, lp = sample(logits, 1.0, 0.8, torch.rand(2000, generator=torch.Generator().manual_seed(0)))
     assert set(tok.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.8: tokens 2 and 3 are outside
     torch.testing.assert_close(lp.exp(), torch.tensor([0.5 / 0.8, 0.3 / 0.8])[tok])
     assert abs((tok == 0).float().mean().item() - 0.625) < 0.05
-    tok, _ = sample(logits[:5], 1.0, 1e-6, torch.Generator().manual_seed(0))
+    tok, _ = sample(logits[:5], 1.0, 1e-6, torch.rand(5, generator=torch.Generator().manual_seed(0)))
     assert tok.tolist() == [0] * 5  # a tiny nucleus is the argmax
 
 

@@ -6,15 +6,14 @@ SIGTERM to torchrun, or SIGINT to its process group (what Ctrl-C sends), in the 
 every process within 30 s with one line from us on stderr, leaves the newest complete checkpoint
 loadable, and the same command then resumes from it and finishes with the metrics of the uninterrupted
 run (losses within 1e-6, rewards equal); two launchers `--nnodes=2 --nproc_per_node=1` with c10d
-rendezvous (multi-node on one machine: both ranks have LOCAL_RANK 0) give the same losses as the
-single-node 2-rank run (within 1e-5) and write metrics once. In-process and fast: r3.dist's stop
+rendezvous (multi-node on one machine: both ranks have LOCAL_RANK 0) give the same rewards and losses
+(within 1e-5) as one process (`python train.py`) and as the single-node 2-rank run, and write metrics once. In-process and fast: r3.dist's stop
 handlers turn SIGTERM into a KeyboardInterrupt that is raised again if Python swallowed it (in a
 __del__) until the run acknowledges the stop, then ignore later signals; a collective broken by a
 peer's exit counts as an interrupt only when this process got a stop signal too.
 
-The reference is the 2-rank run, not one process: sampling seeds depend on the rank (train.step_seed),
-so a different world size samples different reflections. That 2 ranks compute the same update as one
-process on the same batch is tests/test_train.py::test_torchrun_two_ranks_equal_one_process.
+One process is a reference because sampling does not depend on the world size: each failure's samples are
+seeded by its index in the step's global batch (r3/rollout.py, r3/sampler.py), not by the rank.
 
 torchrun starts each worker in its own session, so a process group signal reaches only the launcher,
 which forwards it to the workers (and SIGKILLs any still alive 30 s later). What torchrun itself prints
@@ -274,7 +273,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @needs_proc
-def test_two_launchers_multi_node_give_the_losses_of_one_node(job, straight, tmp_path):
+def test_two_launchers_multi_node_give_the_losses_of_one_process(job, straight, tmp_path):
     out, port = tmp_path / "run", _free_port()
     rdzv = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
             f"--rdzv_id=r3-test-{port}"]
@@ -287,6 +286,10 @@ def test_two_launchers_multi_node_give_the_losses_of_one_node(job, straight, tmp
             _kill(_tree(p.pid))
     for r, (rc, _, err) in enumerate(results):
         _assert_clean(rc, err, f"launcher {r}")
+    one = tmp_path / "one_process"
+    rc, _, err = _run([sys.executable] + job(one))
+    _assert_clean(rc, err, "one process")
     # global rank 0 alone writes files, though both ranks are local rank 0: metrics rows are not doubled
-    _assert_same_metrics(straight[2], _metrics(out), loss_tol=1e-5)
+    _assert_same_metrics(_metrics(one), _metrics(out), loss_tol=1e-5)
+    _assert_same_metrics(_metrics(one), straight[2], loss_tol=1e-5)
     assert (out / "final").is_dir()
