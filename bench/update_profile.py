@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from kernels import token_logprobs  # noqa: E402
+from kernels.logprobs import token_logprobs  # noqa: E402
 from r3.checkpoint import load_hf, load_model  # noqa: E402
 from r3.grpo import sequence_logprobs, shared_prefix_logprobs, update  # noqa: E402
 
