@@ -183,9 +183,12 @@ def claims(by_arm: dict) -> list[str]:
     for key, what in (("first", "the first try improves although only reflections are rewarded"),
                       ("second", "the trained model's second try beats the untrained model's")):
         b, t = acc(base[0], key), [acc(r, key) for r in r3]
-        seen = all(x > b for x in t)
-        out.append(f"- {what}: {'seen' if seen else 'NOT seen'} (untrained {b:.1f}%, r3 seeds "
-                   + ", ".join(f"{x:.1f}%" for x in t) + ")")
+        p = [mcnemar([x[key] for x in r["rows"]], [x[key] for x in base[0]["rows"]])[2] for r in r3]
+        # "seen": every seed higher, each by a paired test at p < 0.05; higher without that is said as such
+        verdict = ("NOT seen" if not all(x > b for x in t) else "seen" if all(q < 0.05 for q in p)
+                   else "higher in every seed, but not significant (paired p >= 0.05)")
+        out.append(f"- {what}: {verdict} (untrained {b:.1f}%, r3 seeds "
+                   + ", ".join(f"{x:.1f}% (p={q:.2g})" for x, q in zip(t, p)) + ")")
     lens = []
     for r in r3:
         rows = [m for m in r["metrics"] if "reflection_len" in m]

@@ -56,4 +56,13 @@ def test_report_rebuilds_table_claims_and_plot_from_the_run_files(tmp_path, monk
     assert "the first try improves although only reflections are rewarded: seen" in out
     assert "reflections get shorter: seen" in out
     assert (tmp_path / "table.md").read_text().startswith("| run |")
+    # three more right answers out of 20 is higher, but a paired test cannot tell it from chance
+    for seed in (0, 1):
+        _run(tmp_path / "weak", f"r3-s{seed}", [i < 5 for i in range(n)], [i < 6 for i in range(n)])
+    _run(tmp_path / "weak", "untrained", [i < 2 for i in range(n)], [i < 3 for i in range(n)])
+    monkeypatch.setattr(arms, "OUT", tmp_path / "weak")
+    arms.report(None)
+    assert "the first try improves although only reflections are rewarded: higher in every seed, but not " \
+        "significant (paired p >= 0.05) (untrained 10.0%, r3 seeds 25.0% (p=0.25), 25.0% (p=0.25))" in \
+        capsys.readouterr().out
     assert (tmp_path / "accuracy_vs_step.png").stat().st_size > 0
