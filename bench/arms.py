@@ -225,6 +225,10 @@ def plot(by_arm: dict, png: Path) -> None:
             ax.fill_between(steps, [100 * min(v) for v in per_step], [100 * max(v) for v in per_step], alpha=0.2)
         ax.set_title(f"held-out {title} (first {EVAL_EXAMPLES} problems)")
         ax.set_xlabel("training step")
+    lo, hi = axes[0].get_ylim()  # at least 10 points of axis: a 1-point change should look like one
+    if hi - lo < 10:
+        mid = (lo + hi) / 2
+        axes[0].set_ylim(mid - 5, mid + 5)
     axes[0].set_ylabel("accuracy %")
     axes[0].legend()
     fig.tight_layout()
