@@ -147,7 +147,10 @@ def report(args) -> None:
         for key in ("first", "second"):
             acc = [100 * sum(x[key] for x in r["rows"]) / len(r["rows"]) for r in rs]
             mean = sum(acc) / len(acc)
-            sd = math.sqrt(sum((a - mean) ** 2 for a in acc) / (len(acc) - 1)) if len(acc) > 1 else float("nan")
+            if len(acc) == 1:  # no spread to show from one run (the untrained model is deterministic)
+                cells.append(f"{mean:.1f}")
+                continue
+            sd = math.sqrt(sum((a - mean) ** 2 for a in acc) / (len(acc) - 1))
             cells.append(f"{mean:.1f} ± {sd:.1f}")
         lines.append(f"| {arm} | {len(rs)} | {cells[0]} | {cells[1]} |")
     lines += ["", "Paired exact McNemar tests on the same problems (seed-matched; the untrained model against each seed):",
@@ -221,7 +224,7 @@ def plot(by_arm: dict, png: Path) -> None:
                 rows = base["rows"][:EVAL_EXAMPLES]
                 steps, per_step = [0] + steps, [[sum(x[key[5:]] for x in rows) / len(rows)]] + per_step
             mean = [100 * sum(v) / len(v) for v in per_step]
-            ax.plot(steps, mean, marker=".", label=f"{arm} ({len(rs)} seeds)")
+            ax.plot(steps, mean, marker=".", label=f"{arm} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
             ax.fill_between(steps, [100 * min(v) for v in per_step], [100 * max(v) for v in per_step], alpha=0.2)
         ax.set_title(f"held-out {title} (first {EVAL_EXAMPLES} problems)")
         ax.set_xlabel("training step")
