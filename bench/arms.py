@@ -166,11 +166,35 @@ def report(args) -> None:
                 b_name = b_arm if b_arm == "untrained" else f"{b_arm}-s{rb['seed']}"
                 lines.append(f"| {a_arm}-s{ra['seed']} vs {b_name} "
                              f"| {key} | {n10} | {n01} | {p:.3g} |")
+    lines += by_solution_ops(done)
     lines += ["", "The paper's claims, at this scale (PAPER.md section 8):"] + claims(by_arm)
     text = "\n".join(lines)
     print(text)
     (OUT / "table.md").write_text(text + "\n")
     plot(by_arm, OUT / "accuracy_vs_step.png")
+
+
+def by_solution_ops(done: dict) -> list[str]:
+    """Right answers per kind of held-out problem, the kind being the operators of its reference solution
+    (countdown2: sums and differences): what a run learned, beyond how much. Empty where the runs do not
+    name one task whose held-out examples carry a `solution`, in eval order (row i = example i)."""
+    tasks = {r["run"].get("task") for r in done.values()}
+    if len(tasks) != 1 or None in tasks:
+        return []
+    from r3.tasks import get_task
+
+    examples = get_task(tasks.pop()).examples("test")
+    if not all("solution" in e for e in examples) or any(len(r["rows"]) != len(examples) for r in done.values()):
+        return []
+    kind = [" ".join(sorted({c for c in e["solution"] if c in "+-*/"})) for e in examples]
+    kinds = sorted(set(kind))
+    lines = ["", "Right answers by the operators of the reference solution (first try / second try, of the problems of that kind):",
+             "", "| run | " + " | ".join(f"`{k}` ({kind.count(k)})" for k in kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for name, r in done.items():
+        cells = [f"{sum(x['first'] for x, c in zip(r['rows'], kind) if c == k)} / "
+                 f"{sum(x['second'] for x, c in zip(r['rows'], kind) if c == k)}" for k in kinds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def claims(by_arm: dict) -> list[str]:

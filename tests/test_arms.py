@@ -3,7 +3,8 @@
 Proves: the exact McNemar p-value equals a brute-force sum over all outcomes of the discordant pairs; the
 report reads synthetic runs (eval.jsonl, metrics.jsonl, run.json) from a folder, names the runs that are
 missing, pairs each r3 seed with the same GRPO seed, states the paper's claims with their numbers, and
-writes table.md and the accuracy-against-step plot.
+writes table.md and the accuracy-against-step plot; it counts right answers per kind of problem (the
+operators of the reference solution) as the task's held-out examples say.
 """
 import itertools
 import json
@@ -66,3 +67,22 @@ def test_report_rebuilds_table_claims_and_plot_from_the_run_files(tmp_path, monk
         "significant (paired p >= 0.05) (untrained 10.0%, r3 seeds 25.0% (p=0.25), 25.0% (p=0.25))" in \
         capsys.readouterr().out
     assert (tmp_path / "accuracy_vs_step.png").stat().st_size > 0
+
+
+def test_report_counts_right_answers_per_kind_of_problem_as_the_task_says(tmp_path, monkeypatch, capsys):
+    from r3.tasks import get_task
+
+    examples = get_task("countdown2").examples("test")
+    is_sum = ["+" in e["solution"] for e in examples]
+    n_sum = sum(is_sum)  # counted here from the examples, independently of the report
+    monkeypatch.setattr(arms, "OUT", tmp_path)
+    # a model that always answers the sum: right on every sum problem, never on a difference one
+    _run(tmp_path, "untrained", is_sum, is_sum)
+    _run(tmp_path, "r3-s0", is_sum, [True] * len(examples))  # and its second try fixes everything
+    for name in ("untrained", "r3-s0"):
+        (tmp_path / name / "run.json").write_text(json.dumps({"sampled_tokens": 0, "wall_s": 1.0, "task": "countdown2"}))
+    arms.report(None)
+    out = capsys.readouterr().out
+    assert f"| run | `+` ({n_sum}) | `-` ({len(examples) - n_sum}) |" in out
+    assert f"| untrained | {n_sum} / {n_sum} | 0 / 0 |" in out
+    assert f"| r3-s0 | {n_sum} / {n_sum} | 0 / {len(examples) - n_sum} |" in out
