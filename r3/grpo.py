@@ -139,7 +139,9 @@ def rollout_stats(rewards: torch.Tensor, group_size: int, mask: torch.Tensor) ->
         "reward": float(r.mean()),  # mean reward = success rate of the retries
         "second_try_success": float((r.max(dim=1).values > 0).float().mean()),  # failures fixed by >= 1 of G retries
         "zero_variance_frac": float((r.max(dim=1).values == r.min(dim=1).values).float().mean()),
-        "reflection_len": float(mask.float().sum(dim=1).mean()),  # tokens incl. end-of-turn
+        # credited tokens per row incl. end-of-turn: the reflection under --method=r3, reflection + retry under
+        # r3_retry, the attempt under grpo (the key keeps the paper's name)
+        "reflection_len": float(mask.float().sum(dim=1).mean()),
     }
 
 
