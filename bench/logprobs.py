@@ -9,7 +9,9 @@ sum(masked log-probs) w.r.t. hidden and weight:
                  logits, `logits / temperature`, then for fp32 gather + a Python loop of logsumexp over
                  the batch rows; for bf16 a loop of per-row log_softmax + gather. Then * mask.
   (c) ours:      kernels.logprobs.token_logprobs (masked rows selected before the LM head, chunked
-                 logits recomputed in backward); the chunked torch path on CPU, Triton on CUDA.
+                 logits recomputed in backward: keep_bytes=0, its bounded-memory mode; `update` keeps
+                 the masked rows' logits for backward up to 512 MiB instead, one LM-head matmul fewer);
+                 the chunked torch path on CPU, Triton on CUDA.
 
 Memory. CPU: each variant runs in its own fresh subprocess; peak = ru_maxrss (the process's RSS
 high-water mark) at the end minus the RSS just before the first call, after the inputs are built (input
@@ -66,7 +68,7 @@ def selective(hidden, weight, targets, mask, temperature):
 
 def ours(backend):
     def run(hidden, weight, targets, mask, temperature, chunk_rows=1024):
-        return token_logprobs(hidden, weight, targets, mask, temperature, chunk_rows, backend=backend)
+        return token_logprobs(hidden, weight, targets, mask, temperature, chunk_rows, backend=backend, keep_bytes=0)
     return run
 
 

@@ -13,13 +13,14 @@ cross-entropy kernel:
 4. `_MaskedLogprobs`: the autograd.Function around the kernels, or around their chunked torch twin.
 5. `masked_logprobs`: the public (N, V) entry; Triton on CUDA, chunked torch on CPU.
 6. `token_logprobs`: what r3/grpo.py calls. hidden (B, T, H) and the LM-head weight (V, H) in, (B, T) out;
-   masked positions are selected BEFORE the LM head, their logits are made in row chunks and recomputed
-   in backward, so no (B, T, V) tensor ever exists.
+   masked positions are selected BEFORE the LM head, so no (B, T, V) tensor ever exists; their logits
+   (M, V) are kept for backward when they fit in `keep_bytes` (512 MiB by default), else made in row
+   chunks and recomputed in backward.
 
 NOTE: the LM-head matmul is not fused into the kernel: each chunk's logits (rows, V) are written by the
 matmul and read back by the kernel (twice in backward). A fused linear + online-softmax kernel (the next
 step, cf. Liger's fused-linear cross-entropy or a matmul with an lse epilogue) would save that traffic.
-The backward recomputes each chunk's logits (one extra LM-head matmul) instead of keeping them. Targets are
+Over `keep_bytes` the backward recomputes each chunk's logits (one extra LM-head matmul). Targets are
 not range-checked on the Triton path (an id outside [0, V) reads out of bounds); logits must be finite.
 There is no vocabulary-parallel (tensor-parallel) variant and no autotuning of BLOCK_V / num_warps.
 """
@@ -33,6 +34,7 @@ import triton.language as tl
 # imported; it is the only way the kernels run on CPU tensors (that is how the tests run them).
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TORCH_CHUNK_ELEMS = 2**24  # torch twin: rows per chunk so that each fp32 temporary is ~64 MB
+KEEP_LOGITS_BYTES = 512 * 2**20  # token_logprobs keeps the masked rows' logits for backward up to this size
 
 
 # ---------------------------------------------------------------------------------------- 1. reference
@@ -145,28 +147,38 @@ def _backward_triton(logits, targets, mask, lse, grad_out, temperature, grad_log
 
 
 def _forward_torch(logits, targets, mask, temperature):
-    """The forward kernel's contract in torch, rows in chunks to bound the fp32 temporaries."""
+    """The forward kernel's contract in torch: rows in chunks through one reused fp32 buffer, every step in
+    place (a fresh (rows, V) tensor per op would cost a page-faulted allocation each on CPU)."""
     N, V = logits.shape
     out = torch.zeros(N, dtype=torch.float32, device=logits.device)
     lse = torch.zeros_like(out)
     rows = max(1, _TORCH_CHUNK_ELEMS // V)
+    buf = torch.empty(min(rows, N), V, dtype=torch.float32, device=logits.device)
     for s in range(0, N, rows):
-        x = logits[s:s + rows].float() / temperature  # (rows, V) fp32
-        lse[s:s + rows] = torch.logsumexp(x, dim=-1)
-        out[s:s + rows] = x.gather(1, targets[s:s + rows, None]).squeeze(1) - lse[s:s + rows]
+        e = min(N, s + rows)
+        x = buf[:e - s].copy_(logits[s:e]).div_(temperature)  # (rows, V) fp32 logits / T
+        target = x.gather(1, targets[s:e, None]).squeeze(1)
+        peak = x.amax(dim=1, keepdim=True)
+        lse[s:e] = peak.squeeze(1) + x.sub_(peak).exp_().sum(dim=1).log()  # stable log-sum-exp
+        out[s:e] = target - lse[s:e]
     return torch.where(mask, out, 0.0), lse
 
 
 def _backward_torch(logits, targets, mask, lse, grad_out, temperature, grad_logits):
-    """The backward kernel's contract in torch, chunked; grad_logits may be logits itself."""
+    """The backward kernel's contract in torch, chunked, in place; grad_logits may be logits itself."""
     N, V = logits.shape
     scale = torch.where(mask, grad_out / temperature, 0.0)  # (N,): 0 zeroes masked rows
     rows = max(1, _TORCH_CHUNK_ELEMS // V)
+    fp32 = grad_logits.dtype == torch.float32  # then work in grad_logits itself, else in an fp32 buffer
+    buf = None if fp32 else torch.empty(min(rows, N), V, dtype=torch.float32, device=logits.device)
     for s in range(0, N, rows):
         e = min(N, s + rows)
-        g = torch.exp(logits[s:e].float() / temperature - lse[s:e, None]).neg_()  # -softmax (rows, V)
-        g[torch.arange(e - s, device=g.device), targets[s:e]] += 1.0  # + onehot(target)
-        grad_logits[s:e] = g.mul_(scale[s:e, None])  # cast to the logits' dtype on copy
+        g = grad_logits[s:e] if fp32 else buf[:e - s]
+        g.copy_(logits[s:e]).div_(temperature)  # a no-op copy when grad_logits is logits
+        g.sub_(lse[s:e, None]).exp_().mul_(-scale[s:e, None])  # -g * softmax (rows, V)
+        g[torch.arange(e - s, device=g.device), targets[s:e]] += scale[s:e]  # + g * onehot(target)
+        if not fp32:
+            grad_logits[s:e] = g  # cast to the logits' dtype on copy
     return grad_logits
 
 
@@ -224,66 +236,81 @@ def masked_logprobs(logits, targets, mask, temperature=1.0, backend="auto"):
 class _LinearLogprobs(torch.autograd.Function):
     """h (M, H) rows through the LM head W (V, H) -> (M,) fp32 log p(target), (rows, V) logits at a time.
 
-    Saves h, W, targets and the (M,) lse; backward recomputes each chunk's logits, turns them into
-    grad_logits in place, then grad_h = grad_logits @ W and grad_W += grad_logits^T @ h. Trade-off: one
-    extra (M, H) x (H, V) matmul (about +1/3 LM-head FLOPs) against Liger's fused-linear cross-entropy,
-    which computes the gradients inside the forward; that needs dLoss/dlogprob before the forward ends,
-    which a scalar loss gives Liger but GRPO's ratio / clip / KL on top of the log-probs do not, and it
-    would waste the work when log-probs are only read (old / reference policy under no_grad).
+    Saves h, W, targets and the (M,) lse, and with `keep` the logits of all M rows too; backward turns the
+    kept logits (or each chunk's recomputed logits) into grad_logits in place, then grad_h = grad_logits @ W
+    and grad_W += grad_logits^T @ h. Kept: three LM-head matmuls in all (forward, grad_h, grad_W) and an
+    (M, V) tensor alive from forward to backward. Recomputed: one matmul more (+1/3 of the LM head's
+    FLOPs) and one (rows, V) chunk alive at a time. Liger's fused-linear cross-entropy gets three matmuls
+    and one chunk by computing the gradients inside the forward; that needs dLoss/dlogprob before the
+    forward ends, which a scalar loss gives Liger but GRPO's ratio / clip / KL on top of the log-probs do
+    not, and it would waste the work when log-probs are only read (old / reference policy under no_grad).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, temperature, chunk_rows, backend):
+    def forward(ctx, h, weight, targets, temperature, chunk_rows, backend, keep):
         fwd = _KERNELS[backend][0]
-        M = h.shape[0]
-        keep = torch.ones(M, dtype=torch.bool, device=h.device)
+        M, V = h.shape[0], weight.shape[0]
+        keep_rows = torch.ones(M, dtype=torch.bool, device=h.device)
         out = torch.empty(M, dtype=torch.float32, device=h.device)
         lse = torch.empty_like(out)
+        # kept: one (M, V) tensor; else one (rows, V) buffer reused by every chunk (no allocation per chunk)
+        buf = torch.empty(M if keep else min(chunk_rows, M), V, dtype=h.dtype, device=h.device)
         for s in range(0, M, chunk_rows):
-            logits = h[s:s + chunk_rows] @ weight.T  # (rows, V): the only vocabulary-sized tensor alive
-            out[s:s + chunk_rows], lse[s:s + chunk_rows] = fwd(logits, targets[s:s + chunk_rows],
-                                                              keep[s:s + chunk_rows], temperature)
-        ctx.save_for_backward(h, weight, targets, lse)
+            e = min(M, s + chunk_rows)
+            logits = torch.mm(h[s:e], weight.T, out=buf[s:e] if keep else buf[:e - s])  # (rows, V)
+            out[s:e], lse[s:e] = fwd(logits, targets[s:e], keep_rows[s:e], temperature)
+        ctx.save_for_backward(h, weight, targets, lse, *([buf] if keep else []))
         ctx.temperature, ctx.chunk_rows, ctx.backend = temperature, chunk_rows, backend
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, weight, targets, lse = ctx.saved_tensors
+        # the kept logits become gradients in place: a second backward (retain_graph=True) is refused by
+        # autograd's version check on saved tensors, not computed from them
+        h, weight, targets, lse, *kept = ctx.saved_tensors
         bwd, n = _KERNELS[ctx.backend][1], ctx.chunk_rows
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_out = grad_out.float().contiguous()
-        keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        M = h.shape[0]
+        keep_rows = torch.ones(M, dtype=torch.bool, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         # fp32 accumulator across chunks: summing many bf16 partial products in bf16 would lose bits.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-        for s in range(0, h.shape[0], n):
-            h_c = h[s:s + n]  # (rows, H)
-            logits = h_c @ weight.T  # 1. recompute (rows, V)
-            g = bwd(logits, targets[s:s + n], keep[s:s + n], lse[s:s + n], grad_out[s:s + n],
+        buf = None if kept else torch.empty(min(n, M), weight.shape[0], dtype=h.dtype, device=h.device)
+        for s in range(0, M, n):
+            e = min(M, s + n)
+            h_c = h[s:e]  # (rows, H)
+            # 1. the chunk's logits (rows, V): kept by the forward, or recomputed into the reused buffer
+            logits = kept[0][s:e] if kept else torch.mm(h_c, weight.T, out=buf[:e - s])
+            g = bwd(logits, targets[s:e], keep_rows[s:e], lse[s:e], grad_out[s:e],
                     ctx.temperature, logits)  # 2. dLoss/dlogits, in place: these logits are ours alone
             if need_h:
-                grad_h[s:s + n] = g @ weight  # 3. (rows, V) x (V, H)
+                grad_h[s:e] = g @ weight  # 3. (rows, V) x (V, H)
             if need_w:  # 4. (V, rows) x (rows, H), accumulated
                 grad_w.addmm_(g.T, h_c) if g.dtype == torch.float32 else grad_w.add_(g.T @ h_c)
         grad_w = grad_w.to(weight.dtype) if need_w else None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
-def token_logprobs(hidden, weight, targets, mask, temperature=1.0, chunk_rows=1024, backend="auto"):
+def token_logprobs(hidden, weight, targets, mask, temperature=1.0, chunk_rows=1024, backend="auto",
+                   keep_bytes=KEEP_LOGITS_BYTES):
     """log p(targets) under softmax(hidden @ weight^T / T) at the masked positions, 0 elsewhere.
 
     hidden (B, T, H) fp32 or bf16, the final-norm output; weight (V, H) the LM head (a tied embedding or
     an FSDP-unsharded parameter is fine: it is used as a plain tensor), same dtype as hidden;
     targets (B, T) int, already shifted (targets[:, t] is the token that hidden[:, t] predicts);
     mask (B, T) bool -> (B, T) float32, differentiable w.r.t. hidden and weight.
-    Peak extra memory is one (chunk_rows, V) logits chunk (plus the torch twin's ~64 MB temporaries).
+    When a backward can follow and the M masked rows' logits fit in `keep_bytes` (M * V * element size),
+    they are kept for it instead of recomputed (one LM-head matmul fewer); otherwise, and with
+    keep_bytes=0, peak extra memory is one (chunk_rows, V) logits chunk (plus the torch twin's ~64 MB buffer).
     """
     B, T, H = hidden.shape
     mask = mask.bool()
     h = hidden[mask]  # (M, H): only the M reflection tokens ever reach the LM head
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    keep = grad and h.shape[0] * weight.shape[0] * weight.element_size() <= keep_bytes
     lp = _LinearLogprobs.apply(h, weight, targets[mask].long(), float(temperature), int(chunk_rows),
-                               _pick_backend(backend, hidden.device))  # (M,)
+                               _pick_backend(backend, hidden.device), keep)  # (M,)
     out = torch.zeros(B, T, dtype=torch.float32, device=hidden.device)
     out[mask] = lp  # scatter back; gradients flow to lp through the index_put
     return out

@@ -6,8 +6,8 @@ log_softmax(logits / T).gather(target) * mask, on odd shapes (423 rows, V = 1,00
 row stride), in fp32 and bf16, at T = 0.7 and 1; that masked rows give exactly 0 and a 0 gradient, also
 when every row or no row is masked; and that `token_logprobs` (select rows before the LM head, chunked
 logits, recomputed in backward) equals the naive full-logits path in value and in its gradients w.r.t.
-the hidden states and the LM-head weight, also through a GRPO-like loss, while never allocating more than
-one chunk of logits. Speed belongs to bench/logprobs.py.
+the hidden states and the LM-head weight, also through a GRPO-like loss, with the masked rows' logits kept
+for backward (one LM-head matmul fewer) or recomputed there (never more than one chunk of logits alive). Speed belongs to bench/logprobs.py.
 """
 import pytest
 import torch
@@ -130,13 +130,14 @@ def grads_of(fn, hidden, weight, loss_of):
     return (out, *torch.autograd.grad(loss_of(out), (h, w)))
 
 
+@pytest.mark.parametrize("keep_bytes", [K.KEEP_LOGITS_BYTES, 0], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_token_logprobs_and_grads_equal_full_logits_path(backend, dtype):
+def test_token_logprobs_and_grads_equal_full_logits_path(backend, dtype, keep_bytes):
     hidden, weight, targets, mask = make_lm_head(3, 41, 32, 1000, dtype)
     weights = torch.randn(3, 41)  # random upstream gradient
     args = (targets, mask, 0.7)
-    ours = grads_of(lambda h, w: token_logprobs(h, w, *args, chunk_rows=17, backend=backend),
+    ours = grads_of(lambda h, w: token_logprobs(h, w, *args, chunk_rows=17, backend=backend, keep_bytes=keep_bytes),
                     hidden, weight, lambda o: (weights * o).sum())
     ref = grads_of(lambda h, w: naive_token_logprobs(h, w, *args), hidden, weight,
                    lambda o: (weights * o).sum())
@@ -189,10 +190,11 @@ class LargestTensor(TorchDispatchMode):
 
 
 def test_token_logprobs_never_allocates_more_than_one_chunk_of_logits():
+    """With keep_bytes=0, and whenever no backward can follow (no_grad: old / reference log-probs)."""
     B, T, H, V, chunk = 4, 64, 8, 1000, 16
     hidden, weight, targets, mask = make_lm_head(B, T, H, V, torch.float32, frac=0.5)
-    for fn, limit in [(lambda h, w: token_logprobs(h, w, targets, mask, chunk_rows=chunk, backend="torch"),
-                       chunk * V),
+    for fn, limit in [(lambda h, w: token_logprobs(h, w, targets, mask, chunk_rows=chunk, backend="torch",
+                                                   keep_bytes=0), chunk * V),
                       (lambda h, w: naive_token_logprobs(h, w, targets, mask, 1.0), None)]:
         with LargestTensor() as seen:
             grads_of(fn, hidden, weight, lambda o: o.sum())
@@ -200,6 +202,54 @@ def test_token_logprobs_never_allocates_more_than_one_chunk_of_logits():
             assert seen.numel >= B * T * V
         else:
             assert seen.numel <= limit, f"largest tensor {seen.numel} > one chunk {limit} (B*T*V={B*T*V})"
+    with LargestTensor() as seen, torch.no_grad():
+        token_logprobs(hidden.requires_grad_(), weight, targets, mask, chunk_rows=chunk, backend="torch")
+    assert seen.numel <= chunk * V
+
+
+class CountMatmuls(TorchDispatchMode):
+    """Counts aten.mm / addmm calls whose output has `cols` columns or whose inner dimension is `cols`
+    (the LM head's: logits (rows, V), grad_h = g (rows, V) x W (V, H), grad_W = g^T (V, rows) x h)."""
+
+    def __init__(self, cols):
+        super().__init__()
+        self.cols, self.n = cols, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm_.default):
+            a, b = args[-2], args[-1]
+            self.n += self.cols in (a.shape[0], a.shape[1], b.shape[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_logits_save_one_lm_head_matmul_per_chunk_and_give_the_same_grads(backend):
+    B, T, H, V, chunk = 4, 64, 8, 1000, 40
+    hidden, weight, targets, mask = make_lm_head(B, T, H, V, torch.float32, frac=0.5, seed=5)
+    chunks = -(-int(mask.sum()) // chunk)
+    got = {}
+    for keep_bytes in (K.KEEP_LOGITS_BYTES, 0):
+        with CountMatmuls(V) as mm:
+            got[keep_bytes] = grads_of(lambda h, w: token_logprobs(h, w, targets, mask, 0.7, chunk, backend,
+                                                                   keep_bytes), hidden, weight, lambda o: o.sum())
+        assert mm.n == chunks * (3 if keep_bytes else 4), (keep_bytes, mm.n, chunks)
+    for kept, recomputed in zip(got[K.KEEP_LOGITS_BYTES], got[0]):
+        assert_close(kept, recomputed, 1e-6, "kept vs recomputed", relative=True)
+
+
+def test_second_backward_through_kept_logits_is_an_error_not_a_wrong_gradient():
+    hidden, weight, targets, mask = make_lm_head(2, 9, 8, 100, torch.float32)
+    h = hidden.clone().requires_grad_()
+    out = token_logprobs(h, weight, targets, mask, backend="torch").sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+    h.grad = None
+    out = token_logprobs(h, weight, targets, mask, backend="torch", keep_bytes=0).sum()
+    out.backward(retain_graph=True)
+    first = h.grad.clone()
+    out.backward()
+    assert torch.allclose(h.grad, 2 * first)
 
 
 def test_backend_choice_follows_argument_then_environment(monkeypatch):
