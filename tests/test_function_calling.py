@@ -246,11 +246,17 @@ def test_standardize_is_bfcl_normalisation():
 # --- hostile text: both verifiers are total and fast --------------------------------------------------
 
 def timed(verify, example, text) -> bool:
-    start = time.perf_counter()
-    result = verify(example, text)
-    elapsed = time.perf_counter() - start
-    assert elapsed < FAST, f"{elapsed * 1e3:.1f} ms on {text[:60]!r}..."
-    return result
+    """verify's result, asserting the fastest of 3 calls is under FAST: a slow verifier (backtracking,
+    deep recursion) is slow on every call, while a garbage-collector pause over the whole test process's
+    heap or a stalled VM hits one call (seen once: 307 ms in a full run, under 10 ms in 3 fresh processes)."""
+    results, times = set(), []
+    for _ in range(3):
+        start = time.perf_counter()
+        results.add(verify(example, text))
+        times.append(time.perf_counter() - start)
+    assert len(results) == 1, f"verify is not deterministic on {text[:60]!r}..."
+    assert min(times) < FAST, f"{min(times) * 1e3:.1f} ms (fastest of 3) on {text[:60]!r}..."
+    return results.pop()
 
 
 @pytest.fixture(scope="module")
