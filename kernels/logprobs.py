@@ -18,8 +18,9 @@ cross-entropy kernel:
    chunks and recomputed in backward.
 
 NOTE: the LM-head matmul is not fused into the kernel: each chunk's logits (rows, V) are written by the
-matmul and read back by the kernel (twice in backward). A fused linear + online-softmax kernel (the next
-step, cf. Liger's fused-linear cross-entropy or a matmul with an lse epilogue) would save that traffic.
+matmul and read back by the kernel, in forward and again in backward (after a recompute when not kept).
+A fused linear + online-softmax kernel (the next step, cf. Liger's fused-linear cross-entropy or a matmul
+with an lse epilogue) would save that traffic.
 Over `keep_bytes` the backward recomputes each chunk's logits (one extra LM-head matmul). Targets are
 not range-checked on the Triton path (an id outside [0, V) reads out of bounds); logits must be finite.
 There is no vocabulary-parallel (tensor-parallel) variant and no autotuning of BLOCK_V / num_warps.
