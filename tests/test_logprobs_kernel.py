@@ -5,9 +5,10 @@ the chunked torch twin give the same masked log-probs and logit gradients as
 log_softmax(logits / T).gather(target) * mask, on odd shapes (423 rows, V = 1,000 and 49,152, a padded
 row stride), in fp32 and bf16, at T = 0.7 and 1; that masked rows give exactly 0 and a 0 gradient, also
 when every row or no row is masked; and that `token_logprobs` (select rows before the LM head, chunked
-logits, recomputed in backward) equals the naive full-logits path in value and in its gradients w.r.t.
-the hidden states and the LM-head weight, also through a GRPO-like loss, with the masked rows' logits kept
-for backward (one LM-head matmul fewer) or recomputed there (never more than one chunk of logits alive). Speed belongs to bench/logprobs.py.
+logits) equals the naive full-logits path in value and in its gradients w.r.t. the hidden states and the
+LM-head weight, also through a GRPO-like loss, with the masked rows' logits kept for backward (one LM-head
+matmul fewer) or recomputed there (never more than one chunk of logits alive). Speed belongs to
+bench/logprobs.py.
 """
 import pytest
 import torch
