@@ -27,6 +27,7 @@ import torch
 
 from r3.checkpoint import load_model, read_config, resolve_model
 from r3.cli import parse_flags
+from r3.cpu import keep_freed_memory
 from r3.errors import UserError
 from r3.evaluate import two_try_eval, wilson
 from r3.jsonl import read_jsonl, write_jsonl_atomic
@@ -185,6 +186,7 @@ def main(argv: list[str]) -> None:
     cfg = parse_flags(SampleConfig, argv[1:], prog=f"sample.py {argv[0]}", fields=JOB_FLAGS[argv[0]])
     if cfg.threads > 0:  # a negative value is refused by check_config
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # freed CPU memory is reused, not faulted in again (r3/cpu.py)
     try:
         jobs[argv[0]](cfg)
     except UserError as e:

@@ -19,7 +19,6 @@ every output anew. Ctrl-C or SIGTERM ends with one line naming the newest checkp
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import sys
 import time
@@ -34,6 +33,7 @@ from r3 import dist
 from r3.checkpoint import (check_resumable, full_state_dict, latest_checkpoint, load_checkpoint, load_hf, load_model,
                            read_config, save_checkpoint, save_hf, step_seed)
 from r3.cli import parse_flags
+from r3.cpu import setup_cpu
 from r3.errors import UserError
 from r3.evaluate import two_try_eval
 from r3.grpo import group_advantages, rollout_stats, update
@@ -189,7 +189,7 @@ def main(cfg: TrainConfig) -> None:
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         check_resumable(ckpt, dataclasses.asdict(cfg) | {"world_size": world}, RESUMABLE_CHANGES)
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.local_world_size()))
+    setup_cpu(cfg.threads, dist.local_world_size())  # threads per rank; freed CPU memory reused (r3/cpu.py)
     model_dir, policy, tok = load_model(cfg.model, device)
     ref = load_hf(model_dir, device).requires_grad_(False) if cfg.beta > 0 else None  # frozen step-0 policy (KL)
 

@@ -6,8 +6,10 @@ order, and the same group size, temperatures, top-p, reflection and retry length
 beta, clip, micro-batch and gradient clipping. Gradient checkpointing is off on every side.
 
   r3:  train.py's steps 1-9 at world size 1: `rollout` (G reflections per failure, prefix-shared; one retry
-       after each; task.verify), `group_advantages`, `update` (reference log-probs, micro-batched loss,
-       clip, AdamW) with shared_prefix on, as train.py runs it (each group's context encoded once per forward).
+       after each, continuing its reflection's KV cache; task.verify), `group_advantages`, `update` (reference
+       log-probs, micro-batched loss, clip, AdamW) with shared_prefix on, as train.py runs it (each group's
+       context encoded once per forward), and glibc's malloc set to reuse freed memory as train.py sets it
+       (r3/cpu.py; the TRL process keeps glibc's defaults).
        The update always runs; train.py skips it when every group has zero reward variance.
   r3_per_row: the same with shared_prefix off (every row forwarded whole): what issue 13's update saves.
   TRL: GRPOTrainer as the paper extended it (PAPER.md section 3): the dataset prompt is the reflection
@@ -182,10 +184,11 @@ def run_r3(spec: dict, shared_prefix: bool = True) -> dict:
     import torch
 
     import r3.rollout
-    from r3.checkpoint import load_hf
-    from r3.checkpoint import step_seed
+    from r3.checkpoint import load_hf, step_seed
+    from r3.cpu import keep_freed_memory
     from r3.grpo import group_advantages, update
 
+    keep_freed_memory()  # as train.py does at start (r3/cpu.py); TRL's side keeps glibc's defaults
     model_dir, tok, task, failures = load_side(spec)
     cfg = TrainConfig(**{k: spec[k] for k in TRAIN_FIELDS})
     policy = load_hf(model_dir, "cpu", torch.float32)

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from kernels.logprobs import token_logprobs  # noqa: E402
 from r3.checkpoint import load_hf, load_model  # noqa: E402
+from r3.cpu import setup_cpu  # noqa: E402
 from r3.grpo import sequence_logprobs, shared_prefix_logprobs, update  # noqa: E402
 
 GROUPS, G, MICRO = 4, 8, 8  # train.py's defaults: failures_per_step, group_size, micro_batch
@@ -65,7 +66,7 @@ def main() -> None:
     ap.add_argument("--reflection", type=int, default=65, help="masked tokens per row (64 + end-of-turn)")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    setup_cpu(args.threads)  # as train.py: the threads, and freed memory reused (r3/cpu.py)
     model_dir, policy, _ = load_model("default")
     ref = load_hf(model_dir, "cpu", torch.float32).requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)

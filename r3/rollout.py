@@ -18,7 +18,9 @@ first masked token (the rendered context or prompt), which a shared-prefix updat
 Exact tokens: what is trained is the ids the sampler returned, never a re-tokenisation of their decoded
 text (BPE has several spellings of many strings, so the two can differ); TRL trains on the sampled ids
 too. Only the prompt parts are rendered by the chat template (r3/chat.py). The retry is sampled after
-context ids + s_i's ids + end-of-turn + the rendered re-asked turn, the very ids "r3_retry" trains on.
+context ids + s_i's ids + end-of-turn + the rendered re-asked turn, the very ids "r3_retry" trains on;
+it continues the reflection call's KV cache (r3/sampler.py, keep= / resume=), so only the end-of-turn
+and the re-asked turn are prefilled for it.
 A sample's stop token is dropped and one end-of-turn id appended: for a sample that stopped that is the
 token it sampled. NOTE: a sample cut off at its max_new_tokens also gets an end-of-turn it never
 sampled, and it is trained (TRL leaves a truncated completion without one).
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from r3.chat import end_of_turn_id, render_chat, render_prompt
-from r3.sampler import Sample, derive_seed, generate
+from r3.sampler import KeptCache, Sample, derive_seed, generate
 
 METHODS = ("r3", "r3_retry")  # rollout's methods; plain GRPO is grpo_rollout (it starts from queries, not failures)
 
@@ -136,20 +138,23 @@ def reflect_and_retry(model, tok, task, failures: list[dict], group_size: int, m
     G, eot = group_size, end_of_turn_id(tok)
     contexts = [reflection_context(task, f["example"], f["attempt"]) for f in failures]
     prompts = [render_prompt(tok, c) for c in contexts]
-    seeds = item_seeds(seed, first, len(failures))  # failure f's reflections use seeds[f]; its retries derive from it
-    reflections = generate(model, prompts, n=G, max_new_tokens=max_reflection_tokens, temperature=temperature,
-                           top_p=top_p, stop_ids=[eot], seed=seeds)
-    refl_texts = _texts(tok, reflections)
     questions = [task.prompt(f["example"])[-1] for f in failures]  # the question asked again: the last turn only
+    reask = [_reask_ids(tok, c, q) for c, q in zip(contexts, questions)]
+    seeds = item_seeds(seed, first, len(failures))  # failure f's reflections use seeds[f]; its retries derive from it
+    # Retry i continues reflection i's KV cache (kept, with room for the re-asked turn and the retry): only
+    # the end-of-turn and the re-asked question are prefilled. A retry rendered from text may differ: no reuse.
+    kept = None if retry_from_text else KeptCache(reserve=1 + max(map(len, reask)) + max_retry_tokens)
+    reflections = generate(model, prompts, n=G, max_new_tokens=max_reflection_tokens, temperature=temperature,
+                           top_p=top_p, stop_ids=[eot], seed=seeds, keep=kept)
+    refl_texts = _texts(tok, reflections)
     if retry_from_text:
         retry_prompts = [render_prompt(tok, contexts[i // G] + [{"role": "assistant", "content": s}, questions[i // G]])
                          for i, s in enumerate(refl_texts)]
     else:
-        reask = [_reask_ids(tok, c, q) for c, q in zip(contexts, questions)]
         retry_prompts = [prompts[i // G] + _turn(s, eot) + reask[i // G] for i, s in enumerate(reflections)]
     retries = generate(model, retry_prompts, n=1, max_new_tokens=max_retry_tokens, temperature=retry_temperature,
                        top_p=top_p, stop_ids=[eot], seed=[derive_seed(seeds[i // G], "retry", i % G)
-                                                          for i in range(len(retry_prompts))])
+                                                          for i in range(len(retry_prompts))], resume=kept)
     retry_texts = _texts(tok, retries)
     return [{"context": prompts[i // G], "reflection": _turn(reflections[i], eot), "retry_prompt": retry_prompts[i],
              "retry": _turn(retries[i], eot), "reflection_text": refl_texts[i], "retry_text": retry_texts[i],

@@ -8,7 +8,8 @@ How a call runs:
 1. Prompts are deduplicated (n samples of one prompt, or equal prompts, are prefilled once) and the
    unique prompts are grouped by shared token prefix (`_share_plan`): each group's common prefix of at
    least `min_shared` tokens is prefilled once, its cache rows are copied to the group's members, and
-   then every unique prompt's own suffix is prefilled (one right-padded batch per level).
+   then every unique prompt's own suffix is prefilled (one right-padded batch per level). With `resume=`
+   (below) the rows of the samples the prompts continue are taken instead, and only new tokens prefilled.
 2. The cache rows of the unique prompts are copied to the N = len(prompts) * n samples
    (repeat_interleave), with the last-token logits, and the first tokens are sampled.
 3. Decode: one token for every live row per step. Every `compact_every` steps the rows that have sampled
@@ -26,18 +27,23 @@ of the same shape (`STATIC_CACHES`; CUDA graphs need its address fixed). Each ne
 compiles again (tens of seconds), which is why it is off by default: a training run's rollout shapes
 change every step. Greedy output is token-exact with eager (tests/test_sampler.py). Prefill stays eager.
 
-The KV cache is one buffer (layers, 2, N, Hkv, S, D), allocated once per call, S = longest prompt +
-max_new_tokens (a little more when groups share prefixes). Slot s of a row holds the key/value of that
-row's token at position s; a query at position p sees slots <= p. Right-padded prefill writes garbage
-keys/values of the pad tokens into slots beyond a row's length; they stay masked until decode overwrites
-them, so padding never changes a row's tokens. Attention only spans the slots live so far (`span`).
+The KV cache is one buffer (layers, 2, N, Hkv, S, D), allocated once per call (or taken over, below),
+S = longest prompt + max_new_tokens (a little more when groups share prefixes; plus a KeptCache's
+reserve). Slot s of a row holds the key/value of that row's token at position s; a query at position p
+sees slots <= p. Right-padded prefill writes garbage keys/values of the pad tokens into slots beyond a
+row's length; they stay masked until decode overwrites them, so padding never changes a row's tokens.
+Attention only spans the slots live so far (`span`).
 
 What is reused, and what is not: within one call, every distinct prompt prefix that >= 2 unique prompts
-share (>= min_shared tokens) is prefilled once; e.g. the G retry conversations of one failure
-(context + reflection_i + retry turn) share the context. Nothing is kept across calls: the retry call
-re-prefills the context once per failure and each reflection once per sample. (Continuing the
-reflection call's cache would also save the reflection tokens: rollout.py builds the retry prompt from
-the sampled ids, so it is possible, but finished rows are dropped from the cache and nothing keeps it.)
+share (>= min_shared tokens) is prefilled once. Across two calls, only what the caller asks for: a call
+given `keep=KeptCache(reserve=r)` moves finished rows behind the live ones instead of dropping them (one
+copy of each finished row, once) and leaves its cache, r slots longer than it needs, in the KeptCache; a
+call given `resume=` that KeptCache continues its samples: prompt i must begin with sample i's prompt
+and sampled ids, whose keys/values are already in the cache, so only the rest is prefilled (rollout.py:
+the retry after each reflection prefills the end-of-turn and the re-asked question, not the context and
+the reflection again). The kept keys/values of sampled tokens come from decode steps rather than from a
+prefill: equal up to the last bits of differently shaped matmuls. Nothing else is kept (no prefix cache
+across calls as nano-vllm's block table has).
 
 Reproducibility: every sample draws from a random stream of its own, one uniform per token, seeded by
 its prompt's seed and its index among that prompt's n samples (`derive_seed`). `seed` is one int (prompt p
@@ -59,14 +65,14 @@ NOTE: compile=True is untested with an FSDP-wrapped policy (train.py never sets 
 static caches stay allocated for the life of the process (STATIC_CACHES.clear() frees them).
 
 It does not: do beam search, repetition penalties, top-k, or stop on strings; keep a cache across calls
-(nano-vllm's block table and prefix cache); split large N or long prompts into chunks (memory grows
-with N * S: the caller bounds the batch).
+unless asked (keep= / resume=); split large N or long prompts into chunks (memory grows with N * S: the
+caller bounds the batch).
 """
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +131,21 @@ class KVCache:
         """Make cache rows `rows` (in that order; repeats allowed) rows 0..len(rows)-1, in place.
         Copies only the live slots (through one temporary); slots beyond them are garbage, masked."""
         self.kv[:, :, : len(rows), :, : self.span] = self.kv[:, :, rows, :, : self.span]
+
+
+@dataclass
+class KeptCache:
+    """A call's KV cache kept for a later call that continues its samples (rollout: each retry continues
+    its reflection). `generate(..., keep=k)` fills it; `generate(..., resume=k)` uses it up.
+
+    Sample i's keys/values sit in cache row rows[i], slots 0..len(tokens[i]) - 1, where tokens[i] is its
+    prompt + its sampled ids but the last (a sampled token is fed only when the next one is sampled).
+    `reserve`: slots the keeping call allocates beyond its own need, so that the resuming call's longest
+    prompt + max_new_tokens fits and it continues in the same buffer (otherwise the rows are copied)."""
+    reserve: int = 0
+    cache: KVCache | None = None
+    rows: list[int] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
 
 
 STATIC_CACHES: dict[tuple, KVCache] = {}  # compile=True: (L, N, Hkv, length, D, device, dtype) -> cache
@@ -220,10 +241,10 @@ def _share_plan(prompts: list[list[int]], min_shared: int) -> list[tuple[int, li
 
 
 def prefill_shared(model: Transformer, prompts: list[list[int]], batch: int, max_new_tokens: int,
-                   min_shared: int, static: bool = False) -> tuple[KVCache, torch.Tensor]:
+                   min_shared: int, static: bool = False, reserve: int = 0) -> tuple[KVCache, torch.Tensor]:
     """Allocate the cache (`batch` rows) and prefill distinct `prompts` into rows 0..U-1, each shared
     prefix once (see `_share_plan`). Returns the cache and the last-token logits (U, V).
-    static: the compiled path's reused cache, its length rounded up to STATIC_MULTIPLE."""
+    static: the compiled path's reused cache, its length rounded up to STATIC_MULTIPLE; reserve: extra slots."""
     w = model.model.embed_tokens.weight  # under unsharded(): the full weight in the compute dtype
     shared = [(s, m) for s, m in _share_plan(prompts, min_shared) if s > 0]
     start, parent = [0] * len(prompts), [0] * len(prompts)
@@ -231,7 +252,8 @@ def prefill_shared(model: Transformer, prompts: list[list[int]], batch: int, max
         for i in members:
             start[i], parent[i] = s, row
     suffixes = [p[s:] for p, s in zip(prompts, start)]
-    length = max(max(start) + max(map(len, suffixes)), max((s for s, _ in shared), default=0)) + max_new_tokens
+    longest = max(max(start) + max(map(len, suffixes)), max((s for s, _ in shared), default=0))
+    length = longest + max_new_tokens + reserve
     if static:
         length = -(-length // STATIC_MULTIPLE) * STATIC_MULTIPLE
         cache = KVCache.static(model.config, batch, length, w.device, w.dtype)
@@ -241,6 +263,31 @@ def prefill_shared(model: Transformer, prompts: list[list[int]], batch: int, max
         prefill(model, cache, [prompts[m[0]][:s] for s, m in shared], [0] * len(shared))
         cache.select(torch.tensor(parent, device=w.device))
     return cache, prefill(model, cache, suffixes, start)  # level 2: every prompt's own suffix
+
+
+def prefill_resumed(model: Transformer, kept: KeptCache, prompts: list[list[int]], parents: list[int], batch: int,
+                    max_new_tokens: int) -> tuple[KVCache, torch.Tensor]:
+    """Distinct `prompts` into cache rows 0..U-1, prompt u continuing kept sample parents[u]: its cached
+    keys/values are moved (in place when the kept buffer is large enough, else copied into a new one) and
+    only the rest of the prompt is prefilled. Returns the cache and the last-token logits (U, V)."""
+    if kept.cache is None:
+        raise ValueError("resume: this KeptCache is empty (pass it as keep= to a call first) or already resumed")
+    have = []  # slots of each prompt that are cached; its last token is always fed again (its logits start sampling)
+    for u, (p, j) in enumerate(zip(prompts, parents)):
+        t = kept.tokens[j]
+        if p[:len(t)] != t:
+            raise ValueError(f"resume: prompt {u} does not continue kept sample {j} (its prompt + sampled ids)")
+        have.append(min(len(t), len(p) - 1))
+    old, kept.cache = kept.cache, None  # used up: its buffer is now this call's
+    src = torch.tensor([kept.rows[j] for j in parents], device=old.kv.device)
+    length, span = max(map(len, prompts)) + max_new_tokens, max(have)
+    if old.kv.shape[2] >= batch and old.kv.shape[4] >= length:  # the keeping call reserved room: grow in place
+        cache, cache.span = old, span
+        cache.select(src)
+    else:
+        cache = KVCache(model.config, batch, length, old.kv.device, old.kv.dtype)
+        cache.kv[:, :, : len(src), :, :span] = old.kv[:, :, src, :, :span]
+    return cache, prefill(model, cache, [p[h:] for p, h in zip(prompts, have)], have)
 
 
 def derive_seed(seed: int, *keys) -> int:
@@ -276,24 +323,38 @@ def uniforms(seeds: list[int], n: int, steps: int) -> torch.Tensor:
 def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
              seed: int | Sequence[int] | None = None, return_logprobs: bool = False, min_shared: int = 32,
-             compact_every: int = 8, compile: bool = False) -> list[Sample]:
+             compact_every: int = 8, compile: bool = False, keep: KeptCache | None = None,
+             resume: KeptCache | None = None) -> list[Sample]:
     """Sample n continuations of every prompt (see the module docstring); len(prompts) * n Samples,
     prompt-major. temperature 0 is greedy (top_p then unused). A sample ends after the first of
     `stop_ids` it samples, or after max_new_tokens. `seed`: one int, one per prompt (a prompt's samples then
     do not depend on the rest of the call), or None (a fresh one). min_shared: the
     shortest common prefix prefilled once for several prompts; compact_every: steps between drops of
     finished rows (with `compile`: steps between checks that all rows have stopped). return_logprobs
-    fills Sample.logprobs. compile: decode with the compiled static-shape step (module docstring)."""
+    fills Sample.logprobs. compile: decode with the compiled static-shape step (module docstring).
+    keep: a KeptCache this call fills with its KV cache (finished rows are then moved behind the live ones
+    instead of dropped); resume: a filled KeptCache whose sample i prompt i continues (one prompt per kept
+    sample), so only the prompts' new tokens are prefilled. Neither works with `compile`."""
     prompts = [[int(t) for t in p] for p in prompts]
     if not prompts or min(map(len, prompts)) == 0 or n < 1 or max_new_tokens < 1:
         raise ValueError("generate needs non-empty prompts, n >= 1 and max_new_tokens >= 1")
+    if compile and (keep is not None or resume is not None):
+        raise ValueError("generate: keep= and resume= need compile=False (the compiled path reuses its cache buffer)")
+    if resume is not None and len(resume.tokens) != len(prompts):
+        raise ValueError(f"resume: {len(prompts)} prompts for {len(resume.tokens)} kept samples (one prompt each)")
     with unsharded(model):
         index: dict[tuple, int] = {}
         unique_of = [index.setdefault(tuple(p), len(index)) for p in prompts]
         uniq = [list(k) for k in index]
         rows = [unique_of[p] for p in range(len(prompts)) for _ in range(n)]  # unique prompt per sample
         N = len(rows)
-        cache, logits = prefill_shared(model, uniq, N, max_new_tokens, min_shared, static=compile)
+        if resume is not None:  # unique prompt u continues the kept sample of its first prompt
+            first: dict[int, int] = {}
+            parents = [first.setdefault(u, i) for i, u in enumerate(unique_of) if u not in first]
+            cache, logits = prefill_resumed(model, resume, uniq, parents, N, max_new_tokens)
+        else:
+            reserve = keep.reserve if keep is not None else 0
+            cache, logits = prefill_shared(model, uniq, N, max_new_tokens, min_shared, static=compile, reserve=reserve)
         dev = cache.kv.device
         step_fn = compiled_decode(dev) if compile else decode_one_token
         if seed is None:
@@ -310,6 +371,7 @@ def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_t
         out = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=dev)
         lps = torch.zeros((N, max_new_tokens), device=dev)
         alive = torch.arange(N, device=dev)  # sample index of each cache row
+        row_of = torch.arange(N, device=dev)  # keep: the cache row of each sample
         done = torch.zeros(N, dtype=torch.bool, device=dev)
         for step in range(max_new_tokens):
             tok, lp = sample(logits, temperature, top_p, u[alive, step] if u is not None else None)
@@ -321,9 +383,14 @@ def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_t
                 if bool(done.all()):
                     break
                 if not compile:  # compiled: the batch stays fixed (static shapes); done rows are ignored
-                    keep = (~done).nonzero()[:, 0]
-                    cache.select(keep)
-                    alive, tok, pos, done = alive[keep], tok[keep], pos[keep], done[keep]
+                    keep_rows = (~done).nonzero()[:, 0]
+                    if keep is not None:  # finished rows go behind the live ones, where decode leaves them be
+                        gone = done.nonzero()[:, 0]
+                        cache.select(torch.cat([keep_rows, gone]))
+                        row_of[alive[gone]] = torch.arange(len(keep_rows), len(alive), device=dev)
+                    else:
+                        cache.select(keep_rows)
+                    alive, tok, pos, done = alive[keep_rows], tok[keep_rows], pos[keep_rows], done[keep_rows]
             if compile:
                 cache.span = cache.kv.shape[4]  # static: the whole cache, slots beyond a row's position masked
                 if dev.type == "cuda":
@@ -332,7 +399,12 @@ def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_t
                 cache.span = longest + step + 1  # every live row's position is < this
             logits = step_fn(model, cache, tok, pos)
             pos = pos + 1
-    return _collect(out.tolist(), lps.tolist() if return_logprobs else None, set(stop_ids), n)
+        samples = _collect(out.tolist(), lps.tolist() if return_logprobs else None, set(stop_ids), n)
+        if keep is not None:
+            row_of[alive] = torch.arange(len(alive), device=dev)
+            keep.cache, keep.rows = cache, row_of.tolist()
+            keep.tokens = [uniq[rows[i]] + s.ids[:-1] for i, s in enumerate(samples)]
+    return samples
 
 
 def _collect(out: list[list[int]], lps: list[list[float]] | None, stops: set[int], n: int) -> list[Sample]:

@@ -174,7 +174,7 @@ def test_a_reflection_spelled_apart_from_bpe_is_trained_as_sampled(model, defaul
         seen.append(prompts)
         if len(seen) == 1:
             return [Sample(split + [eot], "stop", None, i // n) for i in range(len(prompts) * n)]
-        return real(model, prompts, n=n, **kw)
+        return real(model, prompts, n=n, **{**kw, "resume": None})  # the fake kept no KV cache: prefill it all
 
     monkeypatch.setattr(r3.rollout, "generate", forced)
     ro = rollout(model, tok)

@@ -9,6 +9,11 @@ a full forward (no cache) at every step:
 - sampling is reproducible from the seed, and another seed gives other samples;
 - stops and finish reasons are right, and the returned log-probs are the log-softmax of the
   temperature-scaled full-forward logits at the sampled tokens; top-p samples only from the nucleus;
+- a call that resumes another call's kept KV cache (keep= / resume=: rollout's retry after each
+  reflection) samples what a fresh call on the same prompts samples (greedy: the full forward's tokens;
+  sampled: the same ids and log-probs within 1e-5), whether the kept buffer had room (grown in place) or
+  not (rows copied), with rows that finished early and were moved behind the live ones; it prefills only
+  the new tokens, and refuses prompts that do not continue their sample and a second resume;
 - (slow) the compiled decode step (compile=True: torch.compile, fixed batch, static cache) gives greedily
   exactly the eager sampler's tokens and stops, on mixed lengths, n > 1 and rows that finish early;
 - (slow) a policy sharded with FSDP2 over 2 processes samples exactly what the unsharded model samples;
@@ -23,7 +28,8 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import ours_from_hf, tiny_hf_model
-from r3.sampler import _share_plan, derive_seed, generate, sample
+import r3.sampler
+from r3.sampler import KeptCache, _share_plan, derive_seed, generate, sample
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -166,6 +172,66 @@ def test_logprobs_equal_log_softmax_of_full_forward(tiny, temperature):
         ref = torch.log_softmax(logits / (temperature or 1.0), -1).gather(-1, torch.tensor(s.ids)[:, None])[:, 0]
         diff = (torch.tensor(s.logprobs) - ref).abs()
         assert len(s.logprobs) == len(s.ids) and diff.max() < 1e-5, f"max {diff.max():.3g} mean {diff.mean():.3g}"
+
+
+def _continued(prompts, first, extra_seed):
+    """Second-call prompts: prompt + sample i's ids (its stop token dropped, as rollout's _turn) + new tokens."""
+    tails = _prompts([3 + i % 4 for i in range(len(first))], seed=extra_seed)
+    return [prompts[s.prompt_index] + (s.ids[:-1] if s.finish_reason == "stop" else s.ids) + t
+            for s, t in zip(first, tails)]
+
+
+@pytest.mark.parametrize("reserve", [40, 0], ids=["in-place", "copied"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_resumed_call_samples_what_a_fresh_call_samples(tiny, reserve, temperature, monkeypatch):
+    prompts = _prompts([6, 14], seed=12)
+    kw = dict(max_new_tokens=12, temperature=temperature, return_logprobs=True)
+    free = generate(tiny, prompts, n=3, seed=[1, 2], **kw)
+    # prompt 0's rows stop early and move behind the live ones; prompt 1's (never sampling it) run to the end
+    stops = {next(t for t in free[0].ids[2:] + free[0].ids[:2] if t not in free[3].ids)}
+    kept = KeptCache(reserve=reserve)
+    first = generate(tiny, prompts, n=3, seed=[1, 2], stop_ids=stops, compact_every=2, keep=kept, **kw)
+    assert any(s.finish_reason == "stop" and len(s.ids) < 8 for s in first) and any(len(s.ids) == 12 for s in first)
+    assert [len(t) for t in kept.tokens] == [len(prompts[s.prompt_index]) + len(s.ids) - 1 for s in first]
+    second = _continued(prompts, first, extra_seed=13)
+    seeds = list(range(20, 20 + len(second)))
+    fresh = generate(tiny, second, seed=seeds, **kw)
+
+    fed, allocated = [], []  # the resumed call: the tokens of each forward, and the caches it allocates
+    forward, init = type(tiny).forward, r3.sampler.KVCache.__init__
+    monkeypatch.setattr(type(tiny), "forward",
+                        lambda m, ids, *a, **k: fed.append(ids.shape) or forward(m, ids, *a, **k))
+    monkeypatch.setattr(r3.sampler.KVCache, "__init__", lambda c, *a: allocated.append(a) or init(c, *a))
+    resumed = generate(tiny, second, seed=seeds, resume=kept, **kw)
+    monkeypatch.undo()
+
+    new = [len(p) - len(t) for p, t in zip(second, kept.tokens)]  # tokens the resumed call has to prefill
+    assert fed[0][1] == max(new) <= 7, f"prefill of {fed[0]}: more than the new tokens {new}"
+    assert len(allocated) == (0 if reserve else 1), "in place when the kept buffer has room, else one new cache"
+    worst = 0.0
+    for i, (r, f) in enumerate(zip(resumed, fresh)):
+        assert r.ids == f.ids, f"sample {i}" + _diff(r.ids, f.ids)
+        worst = max(worst, max(abs(a - b) for a, b in zip(r.logprobs, f.logprobs)))
+        if temperature == 0:
+            assert r.ids == _reference_greedy(tiny, second[i], 12), f"sample {i}"
+    assert worst < 1e-5, f"log-probs differ by {worst:.3g}"
+
+
+def test_resume_refuses_a_prompt_that_does_not_continue_its_sample_and_a_second_resume(tiny):
+    prompts = _prompts([5, 9], seed=14)
+    kept = KeptCache(reserve=8)
+    first = generate(tiny, prompts, max_new_tokens=4, temperature=0, keep=kept)
+    second = _continued(prompts, first, extra_seed=15)
+    with pytest.raises(ValueError, match="1 prompts for 2 kept samples"):
+        generate(tiny, second[:1], max_new_tokens=4, temperature=0, resume=kept)
+    wrong = [second[0], [second[1][0] + 1] + second[1][1:]]
+    with pytest.raises(ValueError, match="prompt 1 does not continue kept sample 1"):
+        generate(tiny, wrong, max_new_tokens=4, temperature=0, resume=kept)
+    generate(tiny, second, max_new_tokens=4, temperature=0, resume=kept)
+    with pytest.raises(ValueError, match="empty .* or already resumed"):
+        generate(tiny, second, max_new_tokens=4, temperature=0, resume=kept)
+    with pytest.raises(ValueError, match="need compile=False"):
+        generate(tiny, prompts, max_new_tokens=4, keep=KeptCache(), compile=True)
 
 
 def test_top_p_samples_only_from_the_nucleus_and_renormalises():
