@@ -15,9 +15,10 @@ come from the heap and freed ones are reused without faults (tests/test_cpu.py c
 bench/RESULTS.md has what it saves per step).
 
 What changes: only where memory comes from. Every number computed is the same. The process keeps what it
-freed (resident memory does not shrink after a peak; the peak itself moved by 2% in the measurement in
-RESULTS.md). train.py and sample.py set it at start, bench/trl_step.py's r3 sides too (TRL's side runs
-with glibc's defaults).
+freed: resident memory does not shrink after a peak, and the peak grows by what the heap cannot reuse
+(an R3 step of the default model in bench/trl_step.py: 4,865 MiB before, 5,218-5,442 after, the KV cache
+kept for the retries included; RESULTS.md). train.py and sample.py set it at start, bench/trl_step.py's
+r3 sides too (TRL's side runs with glibc's defaults).
 
 It does not: do anything without glibc (macOS, musl: returns False), touch GPU memory (the CUDA caching
 allocator already keeps its blocks), or replace the allocator (jemalloc or tcmalloc via LD_PRELOAD do
