@@ -5,8 +5,8 @@ and samples) and every prompt decoded and compared with the tokenizer's own chat
 - the conversation the paper prescribes (PAPER.md section 3): the reflection context is the task's
   one-shot pair, user(question) / assistant(failed attempt) / user(reflection prompt); the retry prompt
   is that conversation + assistant(reflection) + user(the question re-asked: only the prompt's last turn);
-  G reflections per failure, one retry each, group g = rows g*G .. g*G+G-1; rewards are the verifier's
-  verdicts on the retries;
+  G reflections per failure, one retry each (continuing its reflection's KV cache), group g = rows
+  g*G .. g*G+G-1; rewards are the verifier's verdicts on the retries;
 - exact tokens (issue 13.3): a training row holds the ids the sampler returned, also where decoding and
   re-encoding them gives other ids, and the policy's log-probs of the masked tokens equal those the
   sampler reported for them (1e-4) at the sampling temperature;
@@ -131,6 +131,7 @@ def test_rollout_follows_the_papers_conversation(model, default_tok, calls):
     assert [tok.decode(p) for p in refl["prompts"]] == [template(tok, context_messages(f)) for f in FAILURES]
     # 2. retries: one per reflection, after context + assistant(reflection) + user(the question only, re-asked)
     assert retry["n"] == 1 and retry["kw"]["temperature"] == T_RETRY and len(retry["prompts"]) == G * len(FAILURES)
+    assert retry["kw"]["resume"] is refl["kw"]["keep"] is not None  # the retries continue the reflections' KV cache
     for i, (p, s) in enumerate(zip(retry["prompts"], refl["samples"])):
         f = FAILURES[i // G]
         said = {"role": "assistant", "content": tok.decode(sampled(s))}
