@@ -58,7 +58,7 @@ become inference tensors that the next training step cannot use) inside `r3.dist
 which gathers the full weights once per call instead of once per decode step. Memory while sampling,
 per rank: the full parameters in the compute dtype (about 1x the model) on top of the shards, plus the
 KV cache, 2 * layers * N * S * Hkv * D elements (default 135M model, N=64, S=384: 1.1 GB in fp32), plus
-a transient copy of its live part when rows are copied or compacted, plus a few (N, V) fp32 tensors
+a transient copy of one layer's live part when rows are copied or compacted, plus a few (N, V) fp32 tensors
 per step (logits, probabilities, their cumsum) and the activations of one prefill batch.
 
 NOTE: compile=True is untested with an FSDP-wrapped policy (train.py never sets it), and the
@@ -129,8 +129,11 @@ class KVCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Make cache rows `rows` (in that order; repeats allowed) rows 0..len(rows)-1, in place.
-        Copies only the live slots (through one temporary); slots beyond them are garbage, masked."""
-        self.kv[:, :, : len(rows), :, : self.span] = self.kv[:, :, rows, :, : self.span]
+        Copies only the live slots, one layer at a time (so the temporary is 1/layers of them); slots
+        beyond them are garbage, masked."""
+        n, span = len(rows), self.span
+        for kv in self.kv:  # (2, B, Hkv, S, D) per layer
+            kv[:, :n, :, :span] = kv[:, rows, :, :span]
 
 
 @dataclass

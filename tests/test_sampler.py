@@ -5,7 +5,7 @@ a full forward (no cache) at every step:
 - greedy decoding with the KV cache equals the argmax of the full forward, token for token;
 - mixed-length (right-padded) batches, prompts sharing a prefix (prefilled once, min_shared), the n
   samples of one prompt (prefilled once, rows copied) and finished rows dropped from the batch all give,
-  greedily, exactly what each prompt gives alone;
+  greedily, exactly what each prompt gives alone; moving cache rows copies one layer at a time;
 - sampling is reproducible from the seed, and another seed gives other samples;
 - stops and finish reasons are right, and the returned log-probs are the log-softmax of the
   temperature-scaled full-forward logits at the sampled tokens; top-p samples only from the nucleus;
@@ -159,6 +159,23 @@ def test_finished_rows_dropped_from_the_batch_do_not_change_the_others(tiny):
         for g, f in zip(got, free):
             n = next((j + 1 for j, t in enumerate(f.ids) if t in stops), 30)
             assert g.ids == f.ids[:n], f"compact_every={every}" + _diff(g.ids, f.ids[:n])
+
+
+def test_cache_select_moves_rows_in_place_through_one_layer_at_a_time(tiny):
+    cfg = tiny.config
+    cache = r3.sampler.KVCache(cfg, batch=6, length=40, device="cpu", dtype=torch.float32)
+    cache.kv.normal_()
+    cache.span = 25
+    before = cache.kv.clone()
+    rows = torch.tensor([4, 4, 0, 5, 2])  # reordered, one repeated, one dropped
+    with torch.profiler.profile(profile_memory=True) as prof:
+        cache.select(rows)
+    assert torch.equal(cache.kv[:, :, :5, :, :25], before[:, :, rows, :, :25])  # the live slots, moved
+    assert torch.equal(cache.kv[:, :, :, :, 25:], before[:, :, :, :, 25:])  # slots beyond the span untouched
+    assert torch.equal(cache.kv[:, :, 5:], before[:, :, 5:])  # rows beyond the selection untouched
+    one_layer = 2 * len(rows) * cfg.num_key_value_heads * 25 * cfg.head_dim * 4  # bytes of one layer's live rows
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    assert one_layer <= biggest < 2 * one_layer, f"largest temporary {biggest} B, one layer's live rows {one_layer} B"
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
