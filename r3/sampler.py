@@ -127,13 +127,13 @@ class KVCache:
         vb.scatter_(2, idx, v)
         return kb[:, :, : self.span], vb[:, :, : self.span]  # (B, Hkv, span, D)
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Make cache rows `rows` (in that order; repeats allowed) rows 0..len(rows)-1, in place.
-        Copies only the live slots, one layer at a time (so the temporary is 1/layers of them); slots
-        beyond them are garbage, masked."""
+    def select(self, rows: torch.Tensor, source: "KVCache | None" = None) -> None:
+        """Make rows `rows` (in that order; repeats allowed) of `source` (default: this cache, in place)
+        this cache's rows 0..len(rows)-1. Copies only the live slots (this cache's span), one layer at a
+        time (so the temporary is 1/layers of them); slots beyond them are garbage, masked."""
         n, span = len(rows), self.span
-        for kv in self.kv:  # (2, B, Hkv, S, D) per layer
-            kv[:, :n, :, :span] = kv[:, rows, :, :span]
+        for kv, src in zip(self.kv, (self if source is None else source).kv):  # (2, B, Hkv, S, D) per layer
+            kv[:, :n, :, :span] = src[:, rows, :, :span]
 
 
 @dataclass
@@ -285,11 +285,11 @@ def prefill_resumed(model: Transformer, kept: KeptCache, prompts: list[list[int]
     src = torch.tensor([kept.rows[j] for j in parents], device=old.kv.device)
     length, span = max(map(len, prompts)) + max_new_tokens, max(have)
     if old.kv.shape[2] >= batch and old.kv.shape[4] >= length:  # the keeping call reserved room: grow in place
-        cache, cache.span = old, span
-        cache.select(src)
+        cache = old
     else:
         cache = KVCache(model.config, batch, length, old.kv.device, old.kv.dtype)
-        cache.kv[:, :, : len(src), :, :span] = old.kv[:, :, src, :, :span]
+    cache.span = span
+    cache.select(src, source=old)
     return cache, prefill(model, cache, [p[h:] for p, h in zip(prompts, have)], have)
 
 

@@ -176,6 +176,10 @@ def test_cache_select_moves_rows_in_place_through_one_layer_at_a_time(tiny):
     one_layer = 2 * len(rows) * cfg.num_key_value_heads * 25 * cfg.head_dim * 4  # bytes of one layer's live rows
     biggest = max(e.cpu_memory_usage for e in prof.events())
     assert one_layer <= biggest < 2 * one_layer, f"largest temporary {biggest} B, one layer's live rows {one_layer} B"
+    other = r3.sampler.KVCache(cfg, batch=5, length=30, device="cpu", dtype=torch.float32)  # resume's copy
+    other.span = 25
+    other.select(rows, source=cache)
+    assert torch.equal(other.kv[:, :, :, :, :25], cache.kv[:, :, rows, :, :25])
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
