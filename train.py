@@ -22,7 +22,6 @@ import dataclasses
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ from r3.rollout import METHODS, collect_failures, grpo_rollout, rollout
 from r3.tasks import task_from_flags
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainConfig:
     # method, model and data
     method: str = "r3"  # "r3" (the paper: loss on reflections), "r3_retry" (reflections + retries), "grpo" (plain GRPO)
@@ -286,7 +285,7 @@ def cli(argv: list[str]) -> None:
         main(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        dist.exit_now(2)
     except BaseException as e:  # Ctrl-C / SIGTERM here, or a peer rank that stopped first; anything else re-raised
         if not dist.interrupted(e):
             raise
@@ -295,6 +294,7 @@ def cli(argv: list[str]) -> None:
         dist.print0(f"interrupted after step {rows[-1]['step'] if rows else 0}; newest complete checkpoint: "
                     f"{latest_checkpoint(out) or 'none'}; run the same command to resume", file=sys.stderr)
         dist.exit_now(130)  # no teardown collectives with ranks that may be gone
+    dist.exit_now(0)  # under torchrun, before Python's teardown can race gloo's threads (dist.exit_now)
 
 if __name__ == "__main__":
     cli(sys.argv[1:])

@@ -26,11 +26,15 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
+_started = threading.Event()  # set once init() has started a process group in this process (see exit_now)
+
+
 def init() -> tuple[int, int, torch.device]:
     """Start the process group when launched by torchrun; return (rank, world_size, device)."""
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        _started.set()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -62,8 +66,9 @@ def shutdown() -> None:
     pt_gloo_runloop) and sockets, until the process exits (measured on torch 2.13: 4 threads after
     destroy with fully_shard, 1 without). So its sockets close at exit, unsynchronised across ranks,
     which the handshake makes safe: by then no rank has a gloo operation in flight.
-    NOTE: the rare abort this guards against did not reproduce here before this change (0 in 98 torchrun
-    runs of train.py, tests/dist_worker.py and an FSDP2 exit race, and 0 in 200 barrier+destroy cycles).
+    What the handshake does not cover, `exit_now` does: a script that ran a process group ends with
+    `shutdown()` then `exit_now(0)`, so Python's teardown never runs beside gloo's threads (the rare abort
+    at the end of a torchrun run; see exit_now).
     """
     if not dist.is_initialized():
         return
@@ -192,12 +197,24 @@ def interrupted(exc: BaseException, grace_s: float = 5.0) -> bool:
 
 
 def exit_now(code: int) -> None:
-    """End this process at once with `code` after flushing stdout and stderr, skipping interpreter
-    teardown: after an interrupt the process group may be half broken (a peer gone mid-collective),
-    and destroying it or running its destructors at exit could block or abort. Files written with
-    `with open(...)` and DCP's files are already closed, so nothing on disk is lost. Without a process
-    group there is nothing to tear down: a plain SystemExit, which a caller (or a test) can catch."""
-    if not dist.is_initialized():
+    """End this process with `code`. Where init() started a process group: at once, stdout and stderr
+    flushed, then os._exit, skipping the interpreter's teardown; without one, a plain SystemExit (which a
+    caller, or a test, can catch).
+
+    Why skip the teardown. After an interrupt the group may be half broken (a peer gone mid-collective), and
+    its destructors could block or abort. And even after a clean `shutdown()` one of gloo's worker threads
+    (pt_gloo_runloop) may still be releasing the last collective's work when the main thread reaches
+    Python's finalization. If Python has already let go of a tensor that work holds, the release drops the
+    tensor's Python object and needs the GIL; a thread that takes the GIL while Python finalizes is ended
+    with pthread_exit, whose unwinding runs into the work's noexcept destructor, and C++ calls
+    std::terminate: "terminate called without an active exception", SIGABRT (exit code -6), the rare abort
+    of one rank at the end of a torchrun run. A core dump of it shows exactly that (main thread in
+    Py_FinalizeEx; the worker in ~AsyncWork -> decref_pyobject -> take_gil -> pthread_exit ->
+    std::terminate); it came 3 times in 120 runs of barrier + destroy with the CPU oversubscribed
+    (bench/RESULTS.md). With os._exit no Python teardown runs, so no thread can be ended inside C++. Files
+    written with `with open(...)` and DCP's files are closed by then, so nothing on disk is lost.
+    """
+    if not (dist.is_initialized() or _started.is_set()):
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -129,6 +129,7 @@ def main():
     if rank == 0:
         print(json.dumps(out), flush=True)
     dist.shutdown()
+    dist.exit_now(0)  # past Python's teardown, which can race gloo's threads (r3/dist.py)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ rendezvous (multi-node on one machine: both ranks have LOCAL_RANK 0) give the sa
 (within 1e-5) as one process (`python train.py`) and as the single-node 2-rank run, and write metrics once. In-process and fast: r3.dist's stop
 handlers turn SIGTERM into a KeyboardInterrupt that is raised again if Python swallowed it (in a
 __del__) until the run acknowledges the stop, then ignore later signals; a collective broken by a
-peer's exit counts as an interrupt only when this process got a stop signal too.
+peer's exit counts as an interrupt only when this process got a stop signal too; a process that started a
+process group ends through r3.dist.exit_now without Python's teardown (where the rare SIGABRT at the end of
+a run came from: a gloo worker thread ended inside C++ while the interpreter finalized; r3/dist.py).
 
 One process is a reference because sampling does not depend on the world size: each failure's samples are
 seeded by its index in the step's global batch (r3/rollout.py, r3/sampler.py), not by the rank.
@@ -149,6 +151,38 @@ def test_ten_two_rank_runs_in_a_row_all_exit_0_with_equal_metrics(job, straight,
         rc, _, err = _run(TORCHRUN + STANDALONE + job(tmp_path / f"run{i}"))
         _assert_clean(rc, err, f"run {i + 1} of 10")
         _assert_same_metrics(straight[2], _metrics(tmp_path / f"run{i}"), loss_tol=0.0)
+
+
+END_OF_A_RUN = """
+import atexit, sys, torch
+from r3 import dist
+dist.init()
+t = torch.ones(1)
+if torch.distributed.is_initialized():
+    torch.distributed.all_reduce(t)
+atexit.register(lambda: print("python teardown ran", flush=True))
+print("sum", int(t))  # not flushed here: exit_now must flush it
+dist.shutdown()
+dist.exit_now(7)
+"""
+
+
+def test_exit_now_after_a_process_group_skips_python_teardown_and_keeps_code_and_output(tmp_path):
+    # how every torchrun script here ends (r3/dist.py, exit_now): no interpreter teardown runs, so no gloo
+    # worker thread can be ended inside C++ while it still releases the last collective's work
+    script = tmp_path / "end.py"
+    script.write_text(END_OF_A_RUN)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    group = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {k: v for k, v in ENV.items() if k not in group}
+    with_group = subprocess.run([sys.executable, str(script)], env=env | group, capture_output=True, text=True,
+                                timeout=120)
+    assert (with_group.returncode, with_group.stdout) == (7, "sum 1\n"), with_group.stderr[-2000:]
+    # without a process group it is a plain SystemExit: Python's teardown (the atexit handler) runs
+    without = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert (without.returncode, without.stdout) == (7, "sum 1\npython teardown ran\n"), without.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- stopping
