@@ -210,7 +210,7 @@ def exit_now(code: int) -> None:
     std::terminate: "terminate called without an active exception", SIGABRT (exit code -6), the rare abort
     of one rank at the end of a torchrun run. A core dump of it shows exactly that (main thread in
     Py_FinalizeEx; the worker in ~AsyncWork -> decref_pyobject -> take_gil -> pthread_exit ->
-    std::terminate); it came 3 times in 120 runs of barrier + destroy with the CPU oversubscribed
+    std::terminate); it came 4 times in 180 runs of barrier + destroy with the CPU oversubscribed
     (bench/RESULTS.md). With os._exit no Python teardown runs, so no thread can be ended inside C++. Files
     written with `with open(...)` and DCP's files are closed by then, so nothing on disk is lost.
     """
