@@ -101,6 +101,12 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str
     return proc.returncode, out, err
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(cmd: list[str], timeout: float = 300) -> tuple[int, str, str]:
     return _finish(_start(cmd), timeout)
 
@@ -154,7 +160,7 @@ def test_ten_two_rank_runs_in_a_row_all_exit_0_with_equal_metrics(job, straight,
 
 
 END_OF_A_RUN = """
-import atexit, sys, torch
+import atexit, torch
 from r3 import dist
 dist.init()
 t = torch.ones(1)
@@ -172,10 +178,8 @@ def test_exit_now_after_a_process_group_skips_python_teardown_and_keeps_code_and
     # worker thread can be ended inside C++ while it still releases the last collective's work
     script = tmp_path / "end.py"
     script.write_text(END_OF_A_RUN)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    group = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    group = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(_free_port())}
     env = {k: v for k, v in ENV.items() if k not in group}
     with_group = subprocess.run([sys.executable, str(script)], env=env | group, capture_output=True, text=True,
                                 timeout=120)
@@ -298,12 +302,6 @@ def test_signal_mid_run_stops_all_ranks_and_the_same_command_resumes(job, straig
 
 
 # ----------------------------------------------------------------------------- multi-node
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 @needs_proc
