@@ -2,7 +2,9 @@
 
 On the default model (fp32, CPU) and one synthetic R3 batch shaped like the main job's (4 groups of G=8
 rows; every row of a group holds the same `--context` tokens, then its own `--reflection` tokens, all of
-them masked), it times each part of `r3.grpo.update` on its own, then `update` itself, for both paths:
+them masked), or with `--real` one real batch (failed first attempts at countdown_easy's training queries,
+4 of them x G=8 reflections and retries, rolled out by r3's own code at train.py's defaults), it times each part of `r3.grpo.update`
+on its own, then `update` itself, for both paths:
 
   reference    the reference model's log-probs (no grad), every micro-batch
   policy       the policy's log-probs, forward + backward, every micro-batch
@@ -13,10 +15,13 @@ them masked), it times each part of `r3.grpo.update` on its own, then `update` i
 
 and prints one JSON line per path plus `bound`: the update speedup the shared path would reach if
 everything but the LM head and the optimizer shrank by the token ratio (rows x (context + reflection)
-against contexts + rows x reflection). It does not sample, build a rollout, or measure memory
-(bench/trl_step.py does those on real batches).
+against contexts + rows x reflection). It then counts the floating-point operations of one `update` per
+path (`torch.utils.flop_counter`: every matmul, forward and backward; attention by the kernel's shapes,
+see `attention_flops`) and prints their ratio, `flop_ratio`: the speedup the shared path would have if
+both ran at the same FLOP rate, a ceiling that does not depend on how fast this machine is today.
+It does not measure memory or generation (bench/trl_step.py does, on the same real batches).
 
-    python bench/update_profile.py [--threads 2] [--context 190] [--reflection 65] [--repeats 2]
+    python bench/update_profile.py [--real] [--threads 2] [--context 190] [--reflection 65] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from kernels.logprobs import token_logprobs  # noqa: E402
 from r3.checkpoint import load_hf, load_model  # noqa: E402
@@ -46,6 +52,44 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - t) / repeats
 
 
+def attention_flops(q, k, v, *args, is_causal=False, attn_mask=None, backward=False, **_):
+    """FLOPs of one CPU flash-attention call from its shapes: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D).
+    Forward: two matmuls per (query, key) pair (q k^T, p v); backward: four (dV, dP, dQ, dK; torch's own
+    formula for the CUDA kernels counts the same). Pairs computed: all Tq * Tk under an explicit mask
+    (the kernel skips none), the lower triangle Tq * (Tk + 1) / 2 with is_causal (it skips key blocks
+    past the diagonal)."""
+    B, Hq, Tq, D = q
+    Tk = k[2]
+    pairs = Tq * (Tk + 1) // 2 if is_causal and attn_mask is None else Tq * Tk
+    return (8 if backward else 4) * B * Hq * pairs * D
+
+
+def _sdpa_forward(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, out_shape=None, **_):
+    return attention_flops(q, k, v, is_causal=is_causal, attn_mask=attn_mask)
+
+
+def _sdpa_backward(grad_out, q, k, v, out, lse, dropout_p=0.0, is_causal=False, *, attn_mask=None, out_shape=None,
+                   **_):
+    return attention_flops(q, k, v, is_causal=is_causal, attn_mask=attn_mask, backward=True)
+
+
+def _addmm_inplace(c, a, b, *_, out_shape=None, **__):  # c += a @ b, a (M, K), b (K, N)
+    return 2 * a[0] * a[1] * b[1]
+
+
+def counted_flops(fn) -> float:
+    """GFLOPs that torch counts while `fn()` runs: its matmuls, plus the in-place addmm_ (the LM head's
+    weight gradient) and the CPU attention kernels, which its table leaves out."""
+    ops = torch.ops.aten
+    mode = FlopCounterMode(display=False, custom_mapping={
+        ops.addmm_: _addmm_inplace,
+        ops._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward,
+        ops._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward})
+    with mode:
+        fn()
+    return mode.get_total_flops() / 1e9
+
+
 def batch(context: int, reflection: int, vocab: int) -> dict:
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -59,21 +103,56 @@ def batch(context: int, reflection: int, vocab: int) -> dict:
             "advantages": torch.randn(ids.shape[0], generator=g)}
 
 
+def row_tokens(b: dict) -> int:
+    """Tokens the per-row path runs: each micro-batch of rows cut at its last masked token (r3.grpo.update)."""
+    col = torch.arange(b["mask"].shape[1])
+    last = torch.where(b["mask"].bool(), col, -1).max(dim=1).values  # (N,)
+    return sum(MICRO * (int(last[s:s + MICRO].max()) + 1) for s in range(0, len(last), MICRO))
+
+
+def packed_tokens(b: dict) -> int:
+    """Tokens the shared path runs (one group per micro-batch here): each group's context once, then G
+    suffixes from the context's last token to the row's last masked token, padded to the longest."""
+    m = b["mask"].bool().clone()
+    m[:, 0] = False
+    col = torch.arange(m.shape[1])
+    first = torch.where(m, col, m.shape[1]).min(dim=1).values.view(-1, G).min(dim=1).values  # (groups,)
+    last = torch.where(m, col, -1).max(dim=1).values.view(-1, G)  # (groups, G)
+    return sum(int(f) - 1 + G * int((lr + 2 - f).max()) for f, lr in zip(first, last))
+
+
+def real_batch(policy, tok) -> dict:
+    """A batch built as train.py builds one at its defaults (seed 1234): failed first attempts at
+    countdown_easy's first 20 training queries (4 attempts each, one failure kept per query), then 4 of them
+    x G reflections and retries. Not necessarily train.py's own first batch: the same kind of batch."""
+    from r3.checkpoint import step_seed
+    from r3.grpo import group_advantages
+    from r3.rollout import collect_failures, rollout
+    from r3.tasks import task_from_flags
+
+    task = task_from_flags("countdown_easy", "", "")
+    with torch.no_grad():
+        fails, _ = collect_failures(policy, tok, task, task.examples("train")[:20], 4, 1, 32, 0.9, 1.0, 1234)
+        ro = rollout(policy, tok, task, fails[:GROUPS], G, 64, 32, 0.9, 0.9, 1.0, step_seed(1234, 1))
+    return {"ids": ro.ids, "pos": ro.pos, "mask": ro.mask, "advantages": group_advantages(ro.rewards.float(), G)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=190, help="shared tokens per group (the main job: about 190)")
     ap.add_argument("--reflection", type=int, default=65, help="masked tokens per row (64 + end-of-turn)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--real", action="store_true", help="a real batch of the main job's task instead (see above)")
     args = ap.parse_args()
     setup_cpu(args.threads)  # as train.py: the threads, and freed memory reused (r3/cpu.py)
-    model_dir, policy, _ = load_model("default")
+    model_dir, policy, tok = load_model("default")
     ref = load_hf(model_dir, "cpu", torch.float32).requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    b = batch(args.context, args.reflection, 40_000)
+    b = real_batch(policy, tok) if args.real else batch(args.context, args.reflection, 40_000)
     micro = [tuple(b[k][s:s + MICRO] for k in ("ids", "pos", "mask")) for s in range(0, GROUPS * G, MICRO)]
     H = policy.config.hidden_size
-    hidden = torch.randn(GROUPS * G * args.reflection, H, requires_grad=True)  # the masked rows' hidden states
+    hidden = torch.randn(int(b["mask"].sum()), H, requires_grad=True)  # the masked rows' hidden states
     targets = torch.randint(0, policy.config.vocab_size, (1, hidden.shape[0]))
 
     def lm_head():
@@ -108,18 +187,20 @@ def main() -> None:
         row["lm_head_s"] = timed(lm_head, args.repeats) if shared else out["shared"]["lm_head_s"]
         opt.zero_grad(set_to_none=True)
         row["update_s"] = timed(full_update, args.repeats)
+        row["update_gflop"] = counted_flops(full_update)
         out["shared" if shared else "per_row"] = {k: round(v, 2) for k, v in row.items()}
         print(json.dumps({"path": "shared" if shared else "per_row", **out["shared" if shared else "per_row"]}),
               flush=True)
     s, r = out["shared"], out["per_row"]
-    T = args.context + args.reflection
-    token_ratio = (G * T) / (args.context + G * (args.reflection + 1))  # per group: rows whole / packed stream
+    token_ratio = row_tokens(b) / packed_tokens(b)
     # LM head: lm_head_s is the policy's forward + backward (3 matmul units: forward, grad_h, grad_w; the logits
     # are kept for backward at this size); the reference's forward adds one more unit
     fixed = s["lm_head_s"] * 4 / 3 + s["optimizer_s"]
     bound = r["update_s"] / (fixed + (r["update_s"] - fixed) / token_ratio)
-    print(json.dumps({"update_speedup": round(r["update_s"] / s["update_s"], 2), "token_ratio": round(token_ratio, 2),
-                      "same_on_both_s": round(fixed, 2), "bound": round(bound, 2), "threads": args.threads}))
+    print(json.dumps({"update_speedup": round(r["update_s"] / s["update_s"], 2), "row_tokens": row_tokens(b),
+                      "packed_tokens": packed_tokens(b), "token_ratio": round(token_ratio, 2),
+                      "same_on_both_s": round(fixed, 2), "bound": round(bound, 2),
+                      "flop_ratio": round(r["update_gflop"] / s["update_gflop"], 2), "threads": args.threads}))
 
 
 if __name__ == "__main__":
