@@ -3,8 +3,8 @@
 On the default model (fp32, CPU) and one synthetic R3 batch shaped like the main job's (4 groups of G=8
 rows; every row of a group holds the same `--context` tokens, then its own `--reflection` tokens, all of
 them masked), or with `--real` one real batch (failed first attempts at countdown_easy's training queries,
-4 of them x G=8 reflections and retries, rolled out by r3's own code at train.py's defaults), it times each part of `r3.grpo.update`
-on its own, then `update` itself, for both paths:
+4 of them x G=8 reflections and retries, rolled out by r3's own code at train.py's defaults), it times
+each part of `r3.grpo.update` on its own, then `update` itself, for both paths:
 
   reference    the reference model's log-probs (no grad), every micro-batch
   policy       the policy's log-probs, forward + backward, every micro-batch
