@@ -52,25 +52,25 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - t) / repeats
 
 
-def attention_flops(q, k, v, *args, is_causal=False, attn_mask=None, backward=False, **_):
-    """FLOPs of one CPU flash-attention call from its shapes: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D).
+def attention_flops(q, k, is_causal: bool, masked: bool, backward: bool) -> int:
+    """FLOPs of one CPU flash-attention call from its shapes: q (B, Hq, Tq, D), k (B, Hkv, Tk, D).
     Forward: two matmuls per (query, key) pair (q k^T, p v); backward: four (dV, dP, dQ, dK; torch's own
     formula for the CUDA kernels counts the same). Pairs computed: all Tq * Tk under an explicit mask
     (the kernel skips none), the lower triangle Tq * (Tk + 1) / 2 with is_causal (it skips key blocks
     past the diagonal)."""
     B, Hq, Tq, D = q
     Tk = k[2]
-    pairs = Tq * (Tk + 1) // 2 if is_causal and attn_mask is None else Tq * Tk
+    pairs = Tq * (Tk + 1) // 2 if is_causal and not masked else Tq * Tk
     return (8 if backward else 4) * B * Hq * pairs * D
 
 
 def _sdpa_forward(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, out_shape=None, **_):
-    return attention_flops(q, k, v, is_causal=is_causal, attn_mask=attn_mask)
+    return attention_flops(q, k, is_causal, attn_mask is not None, backward=False)
 
 
 def _sdpa_backward(grad_out, q, k, v, out, lse, dropout_p=0.0, is_causal=False, *, attn_mask=None, out_shape=None,
                    **_):
-    return attention_flops(q, k, v, is_causal=is_causal, attn_mask=attn_mask, backward=True)
+    return attention_flops(q, k, is_causal, attn_mask is not None, backward=True)
 
 
 def _addmm_inplace(c, a, b, *_, out_shape=None, **__):  # c += a @ b, a (M, K), b (K, N)
