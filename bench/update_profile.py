@@ -37,9 +37,11 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from kernels.logprobs import token_logprobs  # noqa: E402
-from r3.checkpoint import load_hf, load_model  # noqa: E402
+from r3.checkpoint import load_hf, load_model, step_seed  # noqa: E402
 from r3.cpu import setup_cpu  # noqa: E402
-from r3.grpo import sequence_logprobs, shared_prefix_logprobs, update  # noqa: E402
+from r3.grpo import group_advantages, sequence_logprobs, shared_prefix_logprobs, update  # noqa: E402
+from r3.rollout import collect_failures, rollout  # noqa: E402
+from r3.tasks import task_from_flags  # noqa: E402
 
 GROUPS, G, MICRO = 4, 8, 8  # train.py's defaults: failures_per_step, group_size, micro_batch
 
@@ -125,11 +127,6 @@ def real_batch(policy, tok) -> dict:
     """A batch built as train.py builds one at its defaults (seed 1234): failed first attempts at
     countdown_easy's first 20 training queries (4 attempts each, one failure kept per query), then 4 of them
     x G reflections and retries. Not necessarily train.py's own first batch: the same kind of batch."""
-    from r3.checkpoint import step_seed
-    from r3.grpo import group_advantages
-    from r3.rollout import collect_failures, rollout
-    from r3.tasks import task_from_flags
-
     task = task_from_flags("countdown_easy", "", "")
     with torch.no_grad():
         fails, _ = collect_failures(policy, tok, task, task.examples("train")[:20], 4, 1, 32, 0.9, 1.0, 1234)
@@ -192,13 +189,14 @@ def main() -> None:
         print(json.dumps({"path": "shared" if shared else "per_row", **out["shared" if shared else "per_row"]}),
               flush=True)
     s, r = out["shared"], out["per_row"]
-    token_ratio = row_tokens(b) / packed_tokens(b)
+    rows, packed = row_tokens(b), packed_tokens(b)
+    token_ratio = rows / packed
     # LM head: lm_head_s is the policy's forward + backward (3 matmul units: forward, grad_h, grad_w; the logits
     # are kept for backward at this size); the reference's forward adds one more unit
     fixed = s["lm_head_s"] * 4 / 3 + s["optimizer_s"]
     bound = r["update_s"] / (fixed + (r["update_s"] - fixed) / token_ratio)
-    print(json.dumps({"update_speedup": round(r["update_s"] / s["update_s"], 2), "row_tokens": row_tokens(b),
-                      "packed_tokens": packed_tokens(b), "token_ratio": round(token_ratio, 2),
+    print(json.dumps({"update_speedup": round(r["update_s"] / s["update_s"], 2), "row_tokens": rows,
+                      "packed_tokens": packed, "token_ratio": round(token_ratio, 2),
                       "same_on_both_s": round(fixed, 2), "bound": round(bound, 2),
                       "flop_ratio": round(r["update_gflop"] / s["update_gflop"], 2), "threads": args.threads}))
 
