@@ -21,7 +21,11 @@ see `attention_flops`) and prints their ratio, `flop_ratio`: the speedup the sha
 both ran at the same FLOP rate, a ceiling that does not depend on how fast this machine is today.
 It does not measure memory or generation (bench/trl_step.py does, on the same real batches).
 
-    python bench/update_profile.py [--real] [--threads 2] [--context 190] [--reflection 65] [--repeats 2]
+With `--flops_only` it skips the timings and prints only the counts (a few minutes instead of ten or more),
+for asking how the ceiling moves with the shape, e.g. the context length.
+
+    python bench/update_profile.py [--real] [--flops_only] [--threads 2] [--context 190] [--reflection 65]
+                                   [--repeats 2]
 """
 from __future__ import annotations
 
@@ -141,6 +145,7 @@ def main() -> None:
     ap.add_argument("--reflection", type=int, default=65, help="masked tokens per row (64 + end-of-turn)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--real", action="store_true", help="a real batch of the main job's task instead (see above)")
+    ap.add_argument("--flops_only", action="store_true", help="count FLOPs only, no timings")
     args = ap.parse_args()
     setup_cpu(args.threads)  # as train.py: the threads, and freed memory reused (r3/cpu.py)
     model_dir, policy, tok = load_model("default")
@@ -178,12 +183,14 @@ def main() -> None:
             update(policy, ref, b, opt, micro_batch=MICRO, ppo_epochs=1, temperature=0.9, beta=0.001, clip_eps=0.2,
                    grad_clip=1.0, group_size=G, shared_prefix=shared)
 
-        row = {"reference_s": timed(reference, args.repeats), "policy_s": timed(policy_fb, args.repeats)}
-        row["optimizer_s"] = timed(optimizer, args.repeats)  # gradients from policy_fb are in place
-        opt.zero_grad(set_to_none=True)
-        row["lm_head_s"] = timed(lm_head, args.repeats) if shared else out["shared"]["lm_head_s"]
-        opt.zero_grad(set_to_none=True)
-        row["update_s"] = timed(full_update, args.repeats)
+        row = {}
+        if not args.flops_only:
+            row = {"reference_s": timed(reference, args.repeats), "policy_s": timed(policy_fb, args.repeats)}
+            row["optimizer_s"] = timed(optimizer, args.repeats)  # gradients from policy_fb are in place
+            opt.zero_grad(set_to_none=True)
+            row["lm_head_s"] = timed(lm_head, args.repeats) if shared else out["shared"]["lm_head_s"]
+            opt.zero_grad(set_to_none=True)
+            row["update_s"] = timed(full_update, args.repeats)
         row["update_gflop"] = counted_flops(full_update)
         out["shared" if shared else "per_row"] = {k: round(v, 2) for k, v in row.items()}
         print(json.dumps({"path": "shared" if shared else "per_row", **out["shared" if shared else "per_row"]}),
@@ -191,14 +198,17 @@ def main() -> None:
     s, r = out["shared"], out["per_row"]
     rows, packed = row_tokens(b), packed_tokens(b)
     token_ratio = rows / packed
+    counts = {"row_tokens": rows, "packed_tokens": packed, "token_ratio": round(token_ratio, 2),
+              "flop_ratio": round(r["update_gflop"] / s["update_gflop"], 2), "threads": args.threads}
+    if args.flops_only:
+        print(json.dumps(counts))
+        return
     # LM head: lm_head_s is the policy's forward + backward (3 matmul units: forward, grad_h, grad_w; the logits
     # are kept for backward at this size); the reference's forward adds one more unit
     fixed = s["lm_head_s"] * 4 / 3 + s["optimizer_s"]
     bound = r["update_s"] / (fixed + (r["update_s"] - fixed) / token_ratio)
-    print(json.dumps({"update_speedup": round(r["update_s"] / s["update_s"], 2), "row_tokens": rows,
-                      "packed_tokens": packed, "token_ratio": round(token_ratio, 2),
-                      "same_on_both_s": round(fixed, 2), "bound": round(bound, 2),
-                      "flop_ratio": round(r["update_gflop"] / s["update_gflop"], 2), "threads": args.threads}))
+    print(json.dumps({"update_speedup": round(r["update_s"] / s["update_s"], 2), **counts,
+                      "same_on_both_s": round(fixed, 2), "bound": round(bound, 2)}))
 
 
 if __name__ == "__main__":
