@@ -30,7 +30,7 @@ from r3.cli import parse_flags
 from r3.cpu import keep_freed_memory
 from r3.errors import UserError
 from r3.evaluate import two_try_eval, wilson
-from r3.jsonl import read_jsonl, write_jsonl_atomic
+from r3.jsonl import can_write, read_jsonl, write_jsonl_atomic
 from r3.tasks import task_from_flags
 
 
@@ -73,7 +73,8 @@ def check_config(cfg: SampleConfig, job: str):
              "max_attempt_tokens": (cfg.max_attempt_tokens >= 1, ">= 1"), "seed": (cfg.seed >= 0, ">= 0"),
              "max_reflection_tokens": (cfg.max_reflection_tokens >= 1, ">= 1"), "threads": (cfg.threads >= 0, ">= 0"),
              "temperature": (cfg.temperature >= 0, ">= 0"), "top_p": (0 < cfg.top_p <= 1, "in (0, 1]"),
-             "out": (bool(cfg.out) or job != "failures", "a file: sample.py failures needs --out=FILE.jsonl")}
+             "out": ((bool(cfg.out) or job != "failures") and (not cfg.out or can_write(cfg.out)),
+                     "a file in an existing directory (sample.py failures needs --out=FILE.jsonl)")}
     for name, (ok, what) in rules.items():
         if name in JOB_FLAGS[job] and not ok:
             raise UserError(f"--{name}={getattr(cfg, name)!r}: must be {what}")

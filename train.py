@@ -36,7 +36,7 @@ from r3.cpu import setup_cpu
 from r3.errors import UserError
 from r3.evaluate import two_try_eval
 from r3.grpo import group_advantages, rollout_stats, update
-from r3.jsonl import append_jsonl, read_failures, read_jsonl, truncate_jsonl, write_jsonl_atomic
+from r3.jsonl import append_jsonl, can_write, read_failures, read_jsonl, truncate_jsonl, write_jsonl_atomic
 from r3.plot import plot_metrics
 from r3.rollout import METHODS, collect_failures, grpo_rollout, rollout
 from r3.tasks import task_from_flags
@@ -99,7 +99,7 @@ def config_rules(c: TrainConfig, world: int) -> dict[str, tuple[bool, str]]:
     return {k: (getattr(c, k) >= v, f">= {v}") for k, v in at_least.items()} | {
         "failures": (not c.failures or (Path(c.failures).is_file() and c.method != "grpo"),
                      "an existing failures JSONL file (for an R3 method; grpo trains on the queries)"),
-        "out_dir": (not Path(c.out_dir).exists() or Path(c.out_dir).is_dir(), "a directory"),
+        "out_dir": (can_write(c.out_dir, directory=True), "a directory that exists or can be made (no file in its path)"),
         "failures_per_step": (c.failures_per_step >= 1 and c.failures_per_step % world == 0,
                               f">= 1 and divisible by the {world} ranks"),
         "top_p": (0 < c.top_p <= 1, "in (0, 1]"), "lr": (c.lr > 0, "> 0"), "grad_clip": (c.grad_clip > 0, "> 0"),

@@ -5,7 +5,7 @@ with torch >= 2.6, triton and transformers and nothing else: no weights are fetc
 random-initialised at their real shapes (SmolLM2-135M-Instruct's and Qwen2.5-1.5B-Instruct's config.json
 values are written below). Parts, in the order they run (the sampler last: its compiles are the slowest):
 
-  a. kernel:  kernels.logprobs.token_logprobs (Triton) against the naive path (full logits, log_softmax,
+  a. kernel:  r3.kernels.logprobs.token_logprobs (Triton) against the naive path (full logits, log_softmax,
               gather) and TRL's selective path (full logits, per-row logsumexp), forward + backward of
               sum(masked log-probs), V = 151,936, H = 1,536, N = 16 x 1,024 rows, fp32 and bf16, 25% and
               100% of rows masked in. Values and gradients vs the naive path (the torch reference, on the
@@ -149,7 +149,7 @@ def lp_selective(hidden, weight, targets, mask):
 
 
 def lp_ours(hidden, weight, targets, mask):
-    from kernels.logprobs import token_logprobs
+    from r3.kernels.logprobs import token_logprobs
     return token_logprobs(hidden, weight, targets, mask, 1.0, 1024, backend="triton", keep_bytes=0)  # bounded memory
 
 

@@ -8,7 +8,7 @@ sum(masked log-probs) w.r.t. hidden and weight:
   (b) selective: TRL's way (trl/trainer/utils.py selective_log_softmax, as GRPOTrainer calls it): full
                  logits, `logits / temperature`, then for fp32 gather + a Python loop of logsumexp over
                  the batch rows; for bf16 a loop of per-row log_softmax + gather. Then * mask.
-  (c) ours:      kernels.logprobs.token_logprobs (masked rows selected before the LM head, chunked
+  (c) ours:      r3.kernels.logprobs.token_logprobs (masked rows selected before the LM head, chunked
                  logits recomputed in backward: keep_bytes=0, its bounded-memory mode; `update` keeps
                  the masked rows' logits for backward up to 512 MiB instead, one LM-head matmul fewer);
                  the chunked torch path on CPU, Triton on CUDA.
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from kernels.logprobs import token_logprobs  # noqa: E402
+from r3.kernels.logprobs import token_logprobs  # noqa: E402
 
 
 def selective_log_softmax(logits, index):

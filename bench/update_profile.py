@@ -8,7 +8,7 @@ each part of `r3.grpo.update` on its own, then `update` itself, for both paths:
 
   reference    the reference model's log-probs (no grad), every micro-batch
   policy       the policy's log-probs, forward + backward, every micro-batch
-  lm_head      the LM head + log-softmax alone (kernels.token_logprobs, forward + backward) on the masked
+  lm_head      the LM head + log-softmax alone (r3.kernels.token_logprobs, forward + backward) on the masked
                rows: the same tokens on both paths, so the same work
   optimizer    gradient clipping + AdamW step + zero_grad, with real gradients in place
   update       r3.grpo.update (all of the above, plus the loss)
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from kernels.logprobs import token_logprobs  # noqa: E402
+from r3.kernels.logprobs import token_logprobs  # noqa: E402
 from r3.checkpoint import load_hf, load_model, step_seed  # noqa: E402
 from r3.cpu import setup_cpu  # noqa: E402
 from r3.grpo import group_advantages, sequence_logprobs, shared_prefix_logprobs, update  # noqa: E402

@@ -8,7 +8,7 @@ PAPER.md section 3, steps 5-9:
     loss    = sum over reflection tokens of loss_t / (number of reflection tokens in the global batch)
 The reflection mask is the only thing that decides which tokens learn (rollout.py builds it).
 
-Log-probs come from `kernels.logprobs.token_logprobs`: the model returns hidden states, only the masked
+Log-probs come from `r3.kernels.logprobs.token_logprobs`: the model returns hidden states, only the masked
 positions go through the LM head (in row chunks), so no [B, T, V] tensor is ever built.
 
 `update` is one optimizer step of this loss over micro-batches (gradient accumulation, the global token
@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from kernels.logprobs import token_logprobs
+from r3.kernels.logprobs import token_logprobs
 from r3.model import SharedPrefix
 
 

@@ -5,6 +5,7 @@
 - `write_jsonl_atomic(path, rows)`: temp file, fsync, rename: a reader never sees half a file.
 - `append_jsonl(path, row)` and `truncate_jsonl(path, last_step)`: the per-step outputs of train.py
   (metrics.jsonl, samples.jsonl), cut back to a checkpoint's step on resume.
+- `can_write(path, directory)`: whether a job's output path can be written, checked before the work.
 - `read_failures(path, task)`: a failure set ({task, example, attempt} rows, as `sample.py failures`
   writes them), each row checked against the task before any model is loaded.
 
@@ -39,6 +40,18 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def can_write(path: str | Path, directory: bool = False) -> bool:
+    """Whether `path` can be written as a directory (an existing one, or made with its parents) or as a
+    file in an existing directory (an existing file is replaced). False for a path under a regular file."""
+    p = Path(path).absolute()
+    if p.exists():
+        return p.is_dir() == directory and os.access(p if directory else p.parent, os.W_OK)
+    parent = p if directory else p.parent
+    while directory and not parent.exists():  # a directory is made with its parents (mkdir -p)
+        parent = parent.parent
+    return parent.is_dir() and os.access(parent, os.W_OK)
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:

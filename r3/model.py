@@ -12,7 +12,7 @@ slots the cache says are visible (see `KVCache` below; the sampler owns the conc
 With a `SharedPrefix` (GRPO's update: G rows that continue one context) each context is encoded once
 and every row attends to its group's context keys/values (see `shared_prefix_attention`).
 
-It does not: sample (sampler.py), compute log-probs (grpo.py / kernels/), load weights (checkpoint.py),
+It does not: sample (sampler.py), compute log-probs (grpo.py / r3/kernels/), load weights (checkpoint.py),
 or implement sliding-window attention, MoE or any other family.
 """
 from __future__ import annotations

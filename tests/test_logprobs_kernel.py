@@ -1,4 +1,4 @@
-"""kernels/logprobs.py against its torch reference, on CPU.
+"""r3/kernels/logprobs.py against its torch reference, on CPU.
 
 Proves that the Triton kernels (run by the Triton interpreter, TRITON_INTERPRET=1 from conftest.py) and
 the chunked torch twin give the same masked log-probs and logit gradients as
@@ -15,8 +15,8 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import logprobs as K
-from kernels.logprobs import logprobs_reference, masked_logprobs, token_logprobs
+from r3.kernels import logprobs as K
+from r3.kernels.logprobs import logprobs_reference, masked_logprobs, token_logprobs
 
 BACKENDS = ["torch", "triton"]
 # Tolerance table. fwd: absolute, on log-probs (both paths compute in fp32 from the same logits, so only

@@ -184,6 +184,7 @@ def test_every_field_is_checked():
     ("lr=0", "--lr=0.0: must be > 0"),
     ("steps=0", "--steps=0: must be >= 1"),
     ("keep_checkpoints=0", "--keep_checkpoints=0: must be >= 1"),
+    (f"out_dir={__file__}/run", f"--out_dir='{__file__}/run': must be a directory that exists or can be made"),
     ("failures=/no/such.jsonl", "--failures='/no/such.jsonl': must be an existing failures JSONL file"),
     ("task=nope", "unknown task 'nope'"),
 ])
