@@ -7,7 +7,7 @@
 `failures` samples K first attempts per training query (prefix-shared) and writes the failed ones as
 JSONL rows {task, example, attempt}; it works in chunks of queries, appends each finished chunk to
 <out>.partial, resumes from there after an interruption, and renames the finished file into place.
-`eval` runs PAPER.md section 7 on held-out examples (r3.evaluate, the protocol of train.py's evaluation:
+`eval` runs docs/method.md section 7 on held-out examples (r3.evaluate, the protocol of train.py's evaluation:
 same budgets, same rows): a first try, and on failure one reflection and one retry (success on either
 counts); it prints both accuracies with 95% Wilson intervals and writes JSON with the full config.
 `demo` runs that protocol on the first problem of the split and prints every turn, even when the first

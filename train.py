@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=2 train.py            # the default job (CPU, gloo)
     python train.py --steps=4 --task=my_task:MyTask               # one process; a task of one's own (README)
 
-One training step, numbered in `main` as PAPER.md section 3 numbers it: take a batch of failures; 1-4 sample G
+One training step, numbered in `main` as docs/method.md section 3 numbers it: take a batch of failures; 1-4 sample G
 reflections per failure, retry once after each, reward the retries that succeed; 5 group advantages; 6-9 one GRPO
 update on the reflection tokens only (r3.grpo.update). The failure set is built at start from the step-0 policy
 unless --failures gives one; --refresh_failures_every rebuilds it from the current policy (the paper keeps it
@@ -83,11 +83,12 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # seeds data order and every sample
     threads: int = 0  # torch CPU threads per rank (0: cores / ranks)
+    collective_timeout: int = 600  # seconds a rank waits in a collective for a missing rank before the run ends
 
 
 # Fields that may change on resume; everything else must match the checkpoint.
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_examples", "save_every", "keep_checkpoints", "threads", "failures",
-                     "shared_prefix"}
+                     "shared_prefix", "collective_timeout"}
 
 
 def config_rules(c: TrainConfig, world: int) -> dict[str, tuple[bool, str]]:
@@ -95,11 +96,12 @@ def config_rules(c: TrainConfig, world: int) -> dict[str, tuple[bool, str]]:
     at_least = dict(train_examples=1, attempts=1, failures_per_query=0, group_size=2,
                     temperature=0, retry_temperature=0, max_attempt_tokens=1, max_reflection_tokens=1, steps=1,
                     warmup_steps=0, weight_decay=0, micro_batch=1, beta=0, ppo_epochs=1, eval_every=0, eval_examples=0,
-                    save_every=0, keep_checkpoints=1, seed=0, threads=0)
+                    save_every=0, keep_checkpoints=1, seed=0, threads=0, collective_timeout=1)
     return {k: (getattr(c, k) >= v, f">= {v}") for k, v in at_least.items()} | {
         "failures": (not c.failures or (Path(c.failures).is_file() and c.method != "grpo"),
                      "an existing failures JSONL file (for an R3 method; grpo trains on the queries)"),
-        "out_dir": (can_write(c.out_dir, directory=True), "a directory that exists or can be made (no file in its path)"),
+        "out_dir": (can_write(c.out_dir, directory=True),
+                    "a directory that exists or can be made (no file on its path)"),
         "failures_per_step": (c.failures_per_step >= 1 and c.failures_per_step % world == 0,
                               f">= 1 and divisible by the {world} ranks"),
         "top_p": (0 < c.top_p <= 1, "in (0, 1]"), "lr": (c.lr > 0, "> 0"), "grad_clip": (c.grad_clip > 0, "> 0"),
@@ -162,7 +164,7 @@ def build_failures(policy, tok, task, cfg: TrainConfig, rank: int, world: int, s
     with dist.unsharded(policy), torch.no_grad():
         fails, ok = collect_failures(policy, tok, task, examples[lo:hi], cfg.attempts, cfg.failures_per_query,
                                      cfg.max_attempt_tokens, cfg.temperature, cfg.top_p, step_seed(seed, 0), first=lo)
-    total_ok = int(dist.all_reduce_sum(torch.tensor(float(ok))))
+    total_ok = int(dist.all_reduce_sum(torch.tensor(float(ok)), "the failure build's successes"))
     return dist.gather_lists(fails), total_ok / max(1, len(examples) * cfg.attempts)
 
 
@@ -179,7 +181,7 @@ def sample_groups(policy, tok, task, cfg: TrainConfig, mine: list[dict], seed: i
 
 def main(cfg: TrainConfig) -> None:
     t_start = time.time()
-    rank, world, device = dist.init()
+    rank, world, device = dist.init(cfg.collective_timeout)
     # setup: every flag, the failures file and a resume checked before the model loads; then the models
     task = check_config(cfg, world)
     given = read_failures(cfg.failures, task) if cfg.failures else None
@@ -225,7 +227,7 @@ def main(cfg: TrainConfig) -> None:
             adv = group_advantages(ro.rewards, cfg.group_size, cfg.adv_scale)
             stats = rollout_stats(ro.rewards, cfg.group_size, ro.mask) | {"sampled_tokens": ro.sampled_tokens * world}
             # (x world: the mean over ranks taken next turns the sampled tokens into their sum)
-            sums = dist.all_reduce_sum(torch.tensor(list(stats.values())))
+            sums = dist.all_reduce_sum(torch.tensor(list(stats.values())), "the step's statistics")
             stats = {k: float(v) / world for k, v in zip(stats, sums)}
             row = {"step": step + 1, **stats, "lr": sched.get_last_lr()[0]}
             # 6-9. the GRPO update on reflection tokens (loss, KL, clip, token normalisation); skipped (and said)
@@ -286,13 +288,18 @@ def cli(argv: list[str]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         dist.exit_now(2)
-    except BaseException as e:  # Ctrl-C / SIGTERM here, or a peer rank that stopped first; anything else re-raised
-        if not dist.interrupted(e):
+    except BaseException as e:  # Ctrl-C / SIGTERM, a peer that stopped first, a rank that never came; else re-raised
+        timeout = dist.timeout_error(e)
+        if timeout is None and not dist.interrupted(e):
             raise
         out = Path(cfg.out_dir)
         rows = read_jsonl(out / "metrics.jsonl", allow_truncated_tail=True) if (out / "metrics.jsonl").exists() else []
-        dist.print0(f"interrupted after step {rows[-1]['step'] if rows else 0}; newest complete checkpoint: "
-                    f"{latest_checkpoint(out) or 'none'}; run the same command to resume", file=sys.stderr)
+        where = (f"after step {rows[-1]['step'] if rows else 0}; newest complete checkpoint: "
+                 f"{latest_checkpoint(out) or 'none'}; run the same command to resume")
+        if timeout is not None:  # this rank's own line: the rank that waited is the one that knows
+            print(f"error: {timeout}; {where}", file=sys.stderr, flush=True)
+            dist.exit_now(1)
+        dist.print0(f"interrupted {where}", file=sys.stderr)
         dist.exit_now(130)  # no teardown collectives with ranks that may be gone
     dist.exit_now(0)  # under torchrun, before Python's teardown can race gloo's threads (dist.exit_now)
 

@@ -7,7 +7,7 @@
 Every trained arm uses train.py at the same budget: the same steps, G, learning rate and groups per step
 (train.py's defaults); only `--method` and `--seed` differ. Each trained model is then scored by
 `sample.py eval` on the whole held-out split (greedy: a first try, and on failure one reflection and one
-retry, PAPER.md section 7). The arms:
+retry, docs/method.md section 7). The arms:
     untrained   the default model, eval only
     r3          --method=r3        the paper: GRPO on the reflection tokens only
     grpo        --method=grpo      plain GRPO: G first attempts per training query, loss on the attempt tokens
@@ -167,7 +167,7 @@ def report(args) -> None:
                 lines.append(f"| {a_arm}-s{ra['seed']} vs {b_name} "
                              f"| {key} | {n10} | {n01} | {p:.3g} |")
     lines += by_solution_ops(done)
-    lines += ["", "The paper's claims, at this scale (PAPER.md section 8):"] + claims(by_arm)
+    lines += ["", "The paper's claims, at this scale (docs/method.md section 8):"] + claims(by_arm)
     text = "\n".join(lines)
     print(text)
     (OUT / "table.md").write_text(text + "\n")

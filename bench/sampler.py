@@ -33,8 +33,8 @@ import os
 import sys
 import time
 
-# Run as a script, bench/ would be sys.path[0], where a file named like a standard module (there was a
-# bench/signal.py once) shadows it for torch: search the repository root instead.
+# Run as a script, bench/ would be sys.path[0], where a file named like a standard module (a signal.py
+# there once) shadows it for torch: search the repository root instead.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402

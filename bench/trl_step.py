@@ -12,7 +12,7 @@ beta, clip, micro-batch and gradient clipping. Gradient checkpointing is off on 
        (r3/cpu.py; the TRL process keeps glibc's defaults).
        The update always runs; train.py skips it when every group has zero reward variance.
   r3_per_row: the same with shared_prefix off (every row forwarded whole): what issue 13's update saves.
-  TRL: GRPOTrainer as the paper extended it (PAPER.md section 3): the dataset prompt is the reflection
+  TRL: GRPOTrainer as the paper extended it (docs/method.md section 3): the dataset prompt is the reflection
        context user(task) / assistant(failed attempt) / user(reflection prompt), so the GRPO completion is
        the reflection and the loss covers only its tokens (TRL's completion mask); the reward function
        runs the retry with transformers' `generate` on the trainer's current policy (the conversation plus

@@ -1,15 +1,36 @@
 """Everything torch.distributed: init and clean shutdown, stop signals, FSDP2 sharding, gathering full
 weights for sampling, reductions.
 
-The only module besides train.py that imports torch.distributed. Every function also works without
-torchrun (world size 1, no process group): sharding is then skipped and reductions are identities.
-Ranks: RANK (global, 0..world-1) decides who writes files and prints; LOCAL_RANK (this machine's
-0..nproc_per_node-1) only picks the GPU. With `--nnodes=2 --nproc_per_node=1` both ranks have
-LOCAL_RANK 0.
+The only module besides r3/checkpoint.py (which saves and loads with torch.distributed.checkpoint) that
+imports torch.distributed. Every function also works without torchrun (world size 1, no process group):
+sharding is then skipped and reductions are identities. Ranks: RANK (global, 0..world-1) decides who
+writes files and prints; LOCAL_RANK (this machine's 0..nproc_per_node-1) only picks the GPU. With
+`--nnodes=2 --nproc_per_node=1` both ranks have LOCAL_RANK 0.
 
-It does not: checkpoint (train.py uses torch.distributed.checkpoint directly), pick devices for you
-beyond "cuda:<local_rank> if CUDA else cpu", or recover a broken process group (a stopped run resumes
-from its newest checkpoint instead).
+The rule that keeps a run from hanging: every rank issues the same sequence of collectives whatever its
+data. No collective sits in a branch that depends on a rank's examples, samples or rewards; a branch
+that only some ranks take (a rank with no failed first try skips the reflection) issues none.
+The collectives of a train.py run, and why every rank reaches each one:
+- `init`, `shard` (fully_shard builds the device mesh): once, at start, on every rank.
+- `unsharded(policy)` entering and leaving (FSDP all-gather): around the whole failure build, each
+  step's rollout and the whole evaluation, called by step number and flags, never by data. Inside it no
+  forward issues a collective, so the ranks may sample different numbers of calls and tokens (the
+  sampler refuses to run on a sharded model outside it: `require_gathered`); a nested block is a no-op.
+- `all_reduce_sum`: the failure build's success count, each step's statistics, the update's token
+  count and loss sums, the evaluation's counts: each called unconditionally at its point.
+- `gather_lists`: the failure build's failures (a rank with none sends an empty list).
+- the update's FSDP forward/backward collectives and the gradient-norm all-reduce: the same number of
+  micro-batches on every rank (each rank holds failures_per_step / world groups of G rows); whether a
+  step updates at all is decided from the all-reduced statistics, so all ranks agree.
+- checkpoint save (barriers, DCP) and export (`full_state_dict`): by step number; resume's DCP load:
+  on every rank when the checkpoint directory (a shared filesystem) holds a checkpoint.
+- `shutdown`: barrier and a store check-in, at the end.
+A collective that waits longer than the process-group timeout for a rank that never comes (it hung or
+died) raises `CollectiveTimeout` naming the operation and the waiting rank; train.py prints it as one line.
+NOTE: that is gloo's behaviour (CPU); NCCL's watchdog aborts the process at the timeout instead of raising.
+
+It does not: checkpoint (r3/checkpoint.py), pick devices for you beyond "cuda:<local_rank> if CUDA else
+cpu", or recover a broken process group (a stopped run resumes from its newest checkpoint instead).
 """
 from __future__ import annotations
 
@@ -27,13 +48,20 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 _started = threading.Event()  # set once init() has started a process group in this process (see exit_now)
+_timeout_s = [0]  # the process group's collective timeout, for CollectiveTimeout's message
 
 
-def init() -> tuple[int, int, torch.device]:
-    """Start the process group when launched by torchrun; return (rank, world_size, device)."""
+class CollectiveTimeout(RuntimeError):
+    """A collective waited past the process-group timeout for a rank that never joined it."""
+
+
+def init(timeout_s: float = 600) -> tuple[int, int, torch.device]:
+    """Start the process group when launched by torchrun; return (rank, world_size, device). A collective
+    that waits `timeout_s` seconds for a missing rank fails (gloo raises; NCCL's watchdog aborts)."""
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        _timeout_s[0] = timeout_s
         _started.set()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if torch.cuda.is_available():
@@ -221,6 +249,38 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _is_timeout(exc: BaseException) -> bool:
+    """gloo: "Timed out waiting Nms for recv operation to complete"; NCCL: "... timed out ..."."""
+    return isinstance(exc, (RuntimeError, dist.DistError)) and "timed out" in str(exc).lower()
+
+
+def _timeout(op: str) -> CollectiveTimeout:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return CollectiveTimeout(f"rank {rank} waited {_timeout_s[0]:g} s in {op} for a rank that never joined "
+                             "(it hung or died)")
+
+
+@contextlib.contextmanager
+def collective(op: str):
+    """Name the collective(s) inside: a timeout there becomes a CollectiveTimeout that says `op` and this rank."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_timeout(e) or isinstance(e, CollectiveTimeout):
+            raise
+        raise _timeout(op) from e
+
+
+def timeout_error(exc: BaseException) -> CollectiveTimeout | None:
+    """The CollectiveTimeout behind `exc`, if a collective timed out (FSDP's own collectives, in the update
+    and the checkpoint, are not named: they are "a collective of FSDP or the checkpoint")."""
+    causes = _causes(exc)
+    named = [e for e in causes if isinstance(e, CollectiveTimeout)]
+    if named:
+        return named[0]
+    return _timeout("a collective of FSDP or the checkpoint") if any(_is_timeout(e) for e in causes) else None
+
+
 def shard(model: torch.nn.Module, mixed_bf16: bool) -> torch.nn.Module:
     """FSDP2 as in torchtitan's apply_fsdp: `fully_shard` each decoder block, then the root (which owns
     the embeddings, final norm and the possibly tied lm_head). With `mixed_bf16` parameters are cast to
@@ -236,21 +296,26 @@ def shard(model: torch.nn.Module, mixed_bf16: bool) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def unsharded(model: torch.nn.Module):
-    """Gather the full weights once for a whole `generate` call instead of on every decode step.
+    """Gather the full weights once for a whole stretch of sampling (a failure build, a step's rollout, an
+    evaluation): inside, forwards issue no collective, so ranks may run different numbers of them.
 
-    Memory: while inside, every rank holds the full parameters (in the mixed-precision param dtype)
-    on top of its shards, i.e. about 1x the model size extra per rank. Without FSDP it does nothing.
+    A collective itself: every rank must enter and leave it at the same point. Nested blocks on the same
+    model are no-ops. Memory: while inside, every rank holds the full parameters (in the mixed-precision
+    param dtype) on top of its shards, about 1x the model size extra. Without FSDP it does nothing.
     """
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not fsdp_modules:
+    if not fsdp_modules or getattr(model, "_r3_gathered", False):
         yield model
         return
-    for m in fsdp_modules:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
+    with collective("unsharded: all-gather of the full weights"):
+        for m in fsdp_modules:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+    model._r3_gathered = True
     try:
         yield model
     finally:
+        model._r3_gathered = False
         for m in fsdp_modules:
             m.reshard()
             # Back to fully_shard's defaults: blocks reshard after forward; the root does not (its
@@ -258,12 +323,23 @@ def unsharded(model: torch.nn.Module):
             m.set_reshard_after_forward(m is not model, recurse=False)
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+def require_gathered(model: torch.nn.Module) -> None:
+    """Raise unless forwards of `model` issue no collective: it is not FSDP-sharded, or it is inside
+    `unsharded(model)`. The sampler calls this: sampling on a sharded model would all-gather per forward,
+    and ranks sample different numbers of tokens (a hang)."""
+    if isinstance(model, FSDPModule) and not getattr(model, "_r3_gathered", False):
+        raise RuntimeError("sampling an FSDP-sharded model needs `with r3.dist.unsharded(model):` around it, "
+                           "entered by every rank at the same point")
+
+
+def all_reduce_sum(x: torch.Tensor, what: str = "") -> torch.Tensor:
     """Sum a tensor over ranks (in place and returned); identity at world size 1. A CPU tensor (the
-    loop's statistics) goes through the GPU and back under NCCL, which reduces CUDA tensors only."""
+    loop's statistics) goes through the GPU and back under NCCL, which reduces CUDA tensors only. `what`
+    names the sum in a timeout's message."""
     if is_distributed():
         on_gpu = x.cuda() if x.device.type == "cpu" and dist.get_backend() == "nccl" else x
-        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        with collective(f"all_reduce_sum ({what})" if what else "all_reduce_sum"):
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
         if on_gpu is not x:
             x.copy_(on_gpu)
     return x
@@ -271,16 +347,8 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from rank `src` to all ranks (e.g. the failure set built on rank 0)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+        with collective("barrier"):
+            dist.barrier()
 
 
 def gather_lists(items: list) -> list:
@@ -288,5 +356,6 @@ def gather_lists(items: list) -> list:
     if not is_distributed():
         return list(items)
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, items)
+    with collective("gather_lists: all_gather_object"):
+        dist.all_gather_object(out, items)
     return [x for part in out for x in part]

@@ -1,4 +1,4 @@
-"""The paper's evaluation (PAPER.md section 7), one protocol for train.py's evaluation and `sample.py eval`.
+"""The paper's evaluation (docs/method.md section 7), one protocol for train.py's evaluation and `sample.py eval`.
 
 `two_try_eval` runs r3.rollout.two_tries over examples in fixed chunks (a first try; on failure one
 reflection and one retry), so the same model, examples and budgets give the same rows whichever script
@@ -32,7 +32,7 @@ def two_try_eval(model, tok, task, examples: list[dict], max_attempt_tokens: int
             rows += two_tries(model, tok, task, mine[c:c + EVAL_CHUNK], max_attempt_tokens, max_reflection_tokens,
                               temperature, top_p, seed + c)
     counts = dist.all_reduce_sum(torch.tensor([len(rows), sum(r["first"] for r in rows),
-                                               sum(r["second"] for r in rows)]))
+                                               sum(r["second"] for r in rows)]), "the evaluation's counts")
     return rows, dict(zip(("n", "first", "second"), counts.tolist()))
 
 

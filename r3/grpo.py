@@ -1,6 +1,6 @@
 """GRPO on the reflection tokens: group advantages, masked log-probs, the clipped loss with KL, statistics.
 
-PAPER.md section 3, steps 5-9:
+docs/method.md section 3, steps 5-9:
     A_i     = (r_i - mean(r_group)) / (std(r_group) + eps)          scale="group"  (or r_i - mean: "none")
     rho_t   = exp(logp_t - logp_old_t)
     loss_t  = -min(rho_t * A, clip(rho_t, 1 - clip_eps, 1 + clip_eps) * A) + beta * k3_t
@@ -147,7 +147,7 @@ def rollout_stats(rewards: torch.Tensor, group_size: int, mask: torch.Tensor) ->
 
 def update(policy, ref, batch: dict, opt, *, micro_batch: int, ppo_epochs: int, temperature: float, beta: float,
            clip_eps: float, grad_clip: float, world: int = 1, group_size: int = 1, shared_prefix: bool = False) -> dict:
-    """One optimizer step of GRPO (PAPER.md section 3, steps 6-9) on this rank's share of the batch:
+    """One optimizer step of GRPO (docs/method.md section 3, steps 6-9) on this rank's share of the batch:
     ids, pos, mask (N, T) and advantages (N,), rows group-major (group_size rows per group). All ranks take
     part with the same number of micro-batches (FSDP collectives must match). With `shared_prefix`, every
     forward (old, reference, policy) encodes each group's context once (`shared_prefix_logprobs`); a

@@ -1,6 +1,6 @@
 """Rollouts: sampled token ids -> training rows (ids, pos, mask), binary rewards and group ids.
 
-`rollout(..., method="r3")`, the paper (PAPER.md section 3); for each failure (example x, failed attempt y1):
+`rollout(..., method="r3")`, the paper (docs/method.md section 3); for each failure (example x, failed attempt y1):
     1. context   user(x) / assistant(y1) / user(reflection prompt), the task's one-shot pair first if it has one
     2. sample G reflections s_1..s_G (one prefill of the shared context, G samples: prefix sharing)
     3. extend    ... / assistant(s_i) / user(x asked again: the prompt's last turn), sample one retry y2_i each
@@ -217,7 +217,7 @@ def collect_failures(model, tok, task, examples: list[dict], attempts: int, max_
 
 def two_tries(model, tok, task, examples: list[dict], max_new_tokens: int, max_reflection_tokens: int,
               temperature: float, top_p: float = 1.0, seed: int = 0) -> list[dict]:
-    """The paper's evaluation protocol (PAPER.md section 7) per example: a first try; on failure, one
+    """The paper's evaluation protocol (docs/method.md section 7) per example: a first try; on failure, one
     reflection and one retry (its prompt rendered from the reflection's text). temperature 0 is greedy.
     Returns per example {first, second, ...} where `second` is True when either try succeeded."""
     firsts = first_attempts(model, tok, task, examples, 1, max_new_tokens, temperature, top_p, seed)

@@ -54,8 +54,9 @@ and N ranks splitting the same prompts draw the same samples (tests/test_torchru
 differences of differently shaped matmuls (greedy output is checked exactly in tests/test_sampler.py).
 
 FSDP2: the call runs under torch.no_grad() (not inference_mode: parameters FSDP gathers there would
-become inference tensors that the next training step cannot use) inside `r3.dist.unsharded(model)`,
-which gathers the full weights once per call instead of once per decode step. Memory while sampling,
+become inference tensors that the next training step cannot use), and a sharded model only inside the
+caller's `r3.dist.unsharded(model)`, which gathers the full weights once for a whole stretch of calls:
+the call itself issues no collective, so ranks may make different numbers of calls (r3/dist.py). Memory while sampling,
 per rank: the full parameters in the compute dtype (about 1x the model) on top of the shards, plus the
 KV cache, 2 * layers * N * S * Hkv * D elements (default 135M model, N=64, S=384: 1.1 GB in fp32), plus
 a transient copy of one layer's live part when rows are copied or compacted, plus a few (N, V) fp32 tensors
@@ -77,7 +78,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from r3.dist import unsharded
+from r3.dist import require_gathered
 from r3.model import ModelConfig, Transformer
 
 
@@ -345,68 +346,68 @@ def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_t
         raise ValueError("generate: keep= and resume= need compile=False (the compiled path reuses its cache buffer)")
     if resume is not None and len(resume.tokens) != len(prompts):
         raise ValueError(f"resume: {len(prompts)} prompts for {len(resume.tokens)} kept samples (one prompt each)")
-    with unsharded(model):
-        index: dict[tuple, int] = {}
-        unique_of = [index.setdefault(tuple(p), len(index)) for p in prompts]
-        uniq = [list(k) for k in index]
-        rows = [unique_of[p] for p in range(len(prompts)) for _ in range(n)]  # unique prompt per sample
-        N = len(rows)
-        if resume is not None:  # unique prompt u continues the kept sample of its first prompt
-            first: dict[int, int] = {}
-            parents = [first.setdefault(u, i) for i, u in enumerate(unique_of) if u not in first]
-            cache, logits = prefill_resumed(model, resume, uniq, parents, N, max_new_tokens)
-        else:
-            reserve = keep.reserve if keep is not None else 0
-            cache, logits = prefill_shared(model, uniq, N, max_new_tokens, min_shared, static=compile, reserve=reserve)
-        dev = cache.kv.device
-        step_fn = compiled_decode(dev) if compile else decode_one_token
-        if seed is None:
-            seed = torch.Generator().seed()  # a fresh one; never the global RNG
-        # every sample's own stream, one uniform per step (greedy draws none)
-        u = uniforms(prompt_seeds(seed, len(prompts)), n, max_new_tokens).to(dev) if temperature > 0 else None
-        if rows != list(range(N)):  # copy each unique prompt's rows to its samples
-            rows_t = torch.tensor(rows, device=dev)
-            cache.select(rows_t)
-            logits = logits[rows_t]  # (N, V)
-        pos = torch.tensor([len(uniq[u]) for u in rows], device=dev)  # (N,) next position per row
-        longest = max(map(len, uniq))
-        stops = torch.tensor(list(stop_ids) or [-1], device=dev)
-        out = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=dev)
-        lps = torch.zeros((N, max_new_tokens), device=dev)
-        alive = torch.arange(N, device=dev)  # sample index of each cache row
-        row_of = torch.arange(N, device=dev)  # keep: the cache row of each sample
-        done = torch.zeros(N, dtype=torch.bool, device=dev)
-        for step in range(max_new_tokens):
-            tok, lp = sample(logits, temperature, top_p, u[alive, step] if u is not None else None)
-            out[alive, step], lps[alive, step] = tok, lp
-            done |= torch.isin(tok, stops)
-            if step == max_new_tokens - 1:
+    require_gathered(model)  # sharded: only inside r3.dist.unsharded, so no forward here issues a collective
+    index: dict[tuple, int] = {}
+    unique_of = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    uniq = [list(k) for k in index]
+    rows = [unique_of[p] for p in range(len(prompts)) for _ in range(n)]  # unique prompt per sample
+    N = len(rows)
+    if resume is not None:  # unique prompt u continues the kept sample of its first prompt
+        first: dict[int, int] = {}
+        parents = [first.setdefault(u, i) for i, u in enumerate(unique_of) if u not in first]
+        cache, logits = prefill_resumed(model, resume, uniq, parents, N, max_new_tokens)
+    else:
+        reserve = keep.reserve if keep is not None else 0
+        cache, logits = prefill_shared(model, uniq, N, max_new_tokens, min_shared, static=compile, reserve=reserve)
+    dev = cache.kv.device
+    step_fn = compiled_decode(dev) if compile else decode_one_token
+    if seed is None:
+        seed = torch.Generator().seed()  # a fresh one; never the global RNG
+    # every sample's own stream, one uniform per step (greedy draws none)
+    u = uniforms(prompt_seeds(seed, len(prompts)), n, max_new_tokens).to(dev) if temperature > 0 else None
+    if rows != list(range(N)):  # copy each unique prompt's rows to its samples
+        rows_t = torch.tensor(rows, device=dev)
+        cache.select(rows_t)
+        logits = logits[rows_t]  # (N, V)
+    pos = torch.tensor([len(uniq[u]) for u in rows], device=dev)  # (N,) next position per row
+    longest = max(map(len, uniq))
+    stops = torch.tensor(list(stop_ids) or [-1], device=dev)
+    out = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=dev)
+    lps = torch.zeros((N, max_new_tokens), device=dev)
+    alive = torch.arange(N, device=dev)  # sample index of each cache row
+    row_of = torch.arange(N, device=dev)  # keep: the cache row of each sample
+    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    for step in range(max_new_tokens):
+        tok, lp = sample(logits, temperature, top_p, u[alive, step] if u is not None else None)
+        out[alive, step], lps[alive, step] = tok, lp
+        done |= torch.isin(tok, stops)
+        if step == max_new_tokens - 1:
+            break
+        if (step + 1) % compact_every == 0 and bool(done.any()):
+            if bool(done.all()):
                 break
-            if (step + 1) % compact_every == 0 and bool(done.any()):
-                if bool(done.all()):
-                    break
-                if not compile:  # compiled: the batch stays fixed (static shapes); done rows are ignored
-                    keep_rows = (~done).nonzero()[:, 0]
-                    if keep is not None:  # finished rows go behind the live ones, where decode leaves them be
-                        gone = done.nonzero()[:, 0]
-                        cache.select(torch.cat([keep_rows, gone]))
-                        row_of[alive[gone]] = torch.arange(len(keep_rows), len(alive), device=dev)
-                    else:
-                        cache.select(keep_rows)
-                    alive, tok, pos, done = alive[keep_rows], tok[keep_rows], pos[keep_rows], done[keep_rows]
-            if compile:
-                cache.span = cache.kv.shape[4]  # static: the whole cache, slots beyond a row's position masked
-                if dev.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
-            else:
-                cache.span = longest + step + 1  # every live row's position is < this
-            logits = step_fn(model, cache, tok, pos)
-            pos = pos + 1
-        samples = _collect(out.tolist(), lps.tolist() if return_logprobs else None, set(stop_ids), n)
-        if keep is not None:
-            row_of[alive] = torch.arange(len(alive), device=dev)
-            keep.cache, keep.rows = cache, row_of.tolist()
-            keep.tokens = [uniq[rows[i]] + s.ids[:-1] for i, s in enumerate(samples)]
+            if not compile:  # compiled: the batch stays fixed (static shapes); done rows are ignored
+                keep_rows = (~done).nonzero()[:, 0]
+                if keep is not None:  # finished rows go behind the live ones, where decode leaves them be
+                    gone = done.nonzero()[:, 0]
+                    cache.select(torch.cat([keep_rows, gone]))
+                    row_of[alive[gone]] = torch.arange(len(keep_rows), len(alive), device=dev)
+                else:
+                    cache.select(keep_rows)
+                alive, tok, pos, done = alive[keep_rows], tok[keep_rows], pos[keep_rows], done[keep_rows]
+        if compile:
+            cache.span = cache.kv.shape[4]  # static: the whole cache, slots beyond a row's position masked
+            if dev.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+        else:
+            cache.span = longest + step + 1  # every live row's position is < this
+        logits = step_fn(model, cache, tok, pos)
+        pos = pos + 1
+    samples = _collect(out.tolist(), lps.tolist() if return_logprobs else None, set(stop_ids), n)
+    if keep is not None:
+        row_of[alive] = torch.arange(len(alive), device=dev)
+        keep.cache, keep.rows = cache, row_of.tolist()
+        keep.tokens = [uniq[rows[i]] + s.ids[:-1] for i, s in enumerate(samples)]
     return samples
 
 

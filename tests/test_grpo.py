@@ -17,7 +17,7 @@ from r3.grpo import group_advantages, grpo_loss, rollout_stats, sequence_logprob
 
 
 def reference_loss(logp, old, ref, rewards, mask, G, beta, eps, scale):
-    """Per-token loop in float64 Python floats: PAPER.md section 3 steps 5-9 written out."""
+    """Per-token loop in float64 Python floats: docs/method.md section 3 steps 5-9 written out."""
     N, T = len(logp), len(logp[0])
     adv = []
     for g in range(N // G):

@@ -2,7 +2,7 @@
 
 Proves, with every `generate` call intercepted (the real sampler runs; the wrapper records its prompts
 and samples) and every prompt decoded and compared with the tokenizer's own chat template:
-- the conversation the paper prescribes (PAPER.md section 3): the reflection context is the task's
+- the conversation the paper prescribes (docs/method.md section 3): the reflection context is the task's
   one-shot pair, user(question) / assistant(failed attempt) / user(reflection prompt); the retry prompt
   is that conversation + assistant(reflection) + user(the question re-asked: only the prompt's last turn);
   G reflections per failure, one retry each (continuing its reflection's KV cache), group g = rows

@@ -16,7 +16,8 @@ a full forward (no cache) at every step:
   the new tokens, and refuses prompts that do not continue their sample and a second resume;
 - (slow) the compiled decode step (compile=True: torch.compile, fixed batch, static cache) gives greedily
   exactly the eager sampler's tokens and stops, on mixed lengths, n > 1 and rows that finish early;
-- (slow) a policy sharded with FSDP2 over 2 processes samples exactly what the unsharded model samples;
+- (slow) a policy sharded with FSDP2 over 2 processes samples exactly what the unsharded model samples,
+  inside r3.dist.unsharded (nested blocks too), and refuses to sample outside it;
 and on the real default model (slow): greedy output equals transformers' generate(do_sample=False).
 """
 import json
@@ -317,18 +318,27 @@ def _fsdp_worker(rank, world, port, out_dir):
     prompts = _prompts([4, 2, 40], seed=10)
     want = generate(model, prompts, **kw)  # before sharding: the full model
     dist.shard(model, mixed_bf16=False)
-    got = generate(model, prompts, **kw)
+    try:
+        generate(model, prompts, **kw)  # sharded, outside unsharded(): refused (it would all-gather per forward)
+        refused = False
+    except RuntimeError as e:
+        refused = "unsharded" in str(e)
+    with dist.unsharded(model):
+        got = generate(model, prompts, **kw)
+        with dist.unsharded(model):  # nested: a no-op, the weights stay gathered
+            again = generate(model, prompts, **kw)
     model(torch.tensor([prompts[0]])).sum().backward()  # still a trainable sharded model afterwards
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"want": [s.ids for s in want], "got": [s.ids for s in got],
                    "lp_diff": max(abs(a - b) for s, t in zip(want, got) for a, b in zip(s.logprobs, t.logprobs)),
-                   "sharded": type(model.lm_head.weight).__name__}, f)
+                   "sharded": type(model.lm_head.weight).__name__, "refused": refused,
+                   "nested": [s.ids for s in again]}, f)
     dist.shutdown()
     dist.exit_now(0)  # past Python's teardown, which can race gloo's threads (r3/dist.py)
 
 
 @pytest.mark.slow
-def test_fsdp2_sharded_policy_samples_like_the_unsharded_model(tmp_path):
+def test_fsdp2_sharded_policy_samples_like_the_unsharded_model_only_inside_unsharded(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -337,3 +347,4 @@ def test_fsdp2_sharded_policy_samples_like_the_unsharded_model(tmp_path):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert r["sharded"] == "DTensor", "the model was not sharded"
         assert r["got"] == r["want"] and r["lp_diff"] < 1e-5, f"rank {rank}: {r}"
+        assert r["refused"] and r["nested"] == r["got"], f"rank {rank}: {r}"

@@ -50,9 +50,9 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="fi
 
 # ----------------------------------------------------------------------------- processes
 
-def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def _start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
 
 
 def _tree(pid: int) -> set[int]:
@@ -107,8 +107,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd: list[str], timeout: float = 300) -> tuple[int, str, str]:
-    return _finish(_start(cmd), timeout)
+def _run(cmd: list[str], timeout: float = 300, env: dict | None = None) -> tuple[int, str, str]:
+    return _finish(_start(cmd, env), timeout)
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -325,3 +325,49 @@ def test_two_launchers_multi_node_give_the_losses_of_one_process(job, straight, 
     _assert_same_metrics(_metrics(one), _metrics(out), loss_tol=1e-5)
     _assert_same_metrics(_metrics(one), straight[2], loss_tol=1e-5)
     assert (out / "final").is_dir()
+
+
+# ----------------------------------------------------------------------------- ranks with different data
+
+SKEWED = ["--task=toy_task:SkewedTask", "--train_examples=8", "--attempts=2", "--group_size=2", "--failures_per_step=2",
+          "--eval_examples=8", "--eval_every=1", "--refresh_failures_every=1", "--max_reflection_tokens=4",
+          "--max_attempt_tokens=4", "--threads=1", "--beta=0", "--save_every=1", "--steps=3"]
+
+
+def _skewed(tiny_dir, out: Path) -> list[str]:
+    return [str(ROOT / "train.py"), f"--model={tiny_dir}", f"--out_dir={out}", *SKEWED]
+
+
+@pytest.mark.slow
+def test_one_rank_all_right_the_other_all_wrong_finishes_with_the_counts_of_one_process(tiny_dir, tmp_path):
+    # rank 0's queries and held-out examples all succeed, rank 1's all fail: only rank 1 reflects, in the
+    # failure build, the online refresh and every evaluation; neither may wait for the other there
+    rc, _, err = _run(TORCHRUN + STANDALONE + _skewed(tiny_dir, tmp_path / "two"), timeout=300)
+    _assert_clean(rc, err, "the skewed 2-rank run")
+    rc, _, err = _run([sys.executable, *_skewed(tiny_dir, tmp_path / "one")], timeout=300)
+    _assert_clean(rc, err, "the skewed run in one process")
+    keys = ("step", "eval_n", "eval_first", "eval_second", "refreshed_failures", "first_try", "reward")
+    two, one = ([{k: r.get(k) for k in keys} for r in _metrics(tmp_path / d)] for d in ("two", "one"))
+    assert two == one, (two, one)
+    assert two[0] | two[1] == {"step": 2, "eval_n": 8, "eval_first": 0.5, "eval_second": 0.5, "refreshed_failures": 4,
+                               "first_try": 0.5, "reward": 0.0}, two
+    assert (tmp_path / "two" / "failures.jsonl").read_text() == (tmp_path / "one" / "failures.jsonl").read_text()
+    assert (tmp_path / "two" / "final" / "config.json").exists()
+
+
+@pytest.mark.slow
+@needs_proc
+def test_a_rank_that_never_comes_ends_the_run_in_one_line_and_the_same_command_resumes(tiny_dir, tmp_path):
+    # rank 1 hangs in the step-2 evaluation (toy_task.SkewedTask, TOY_HANG_RANK): rank 0 waits in the
+    # evaluation's all-reduce until the process-group timeout, says so in one line and ends the run
+    cmd = TORCHRUN + STANDALONE + _skewed(tiny_dir, tmp_path / "run") + ["--eval_every=2", "--collective_timeout=20"]
+    t0 = time.monotonic()
+    rc, _, err = _run(cmd, timeout=240, env={"TOY_HANG_RANK": "1"})
+    ours = [ln for ln in err.splitlines() if ln.startswith(("error:", "interrupted"))]
+    want = "error: rank 0 waited 20 s in all_reduce_sum (the evaluation's counts) for a rank that never joined"
+    assert rc != 0 and ours == [ours[0]] and ours[0].startswith(want), err[-4000:]
+    assert "newest complete checkpoint:" in ours[0] and "step_000001" in ours[0], ours
+    assert time.monotonic() - t0 < 180
+    rc, _, err = _run(cmd, timeout=300)  # the same command, nothing hangs now
+    _assert_clean(rc, err, "the resumed run")
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3]

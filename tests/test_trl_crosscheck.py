@@ -2,7 +2,7 @@
 
 Proves: r3.grpo (`group_advantages`, `sequence_logprobs`, `grpo_loss`, accumulated over micro-batches as
 train.update does) computes the same objective as TRL 1.16's `GRPOTrainer` configured as the paper ran it
-(PAPER.md section 3: the GRPO "completion" is the reflection; loss_type="dapo", i.e. token-level
+(docs/method.md section 3: the GRPO "completion" is the reflection; loss_type="dapo", i.e. token-level
 normalisation over the whole accumulated batch; scale_rewards="group"; the same beta, epsilon, temperature).
 TRL is driven through its own `_compute_loss` with the inputs dict that its `_generate_and_score_completions`
 builds, in its layout (left-padded prompt, right-padded completion, `num_items_in_batch`), split into two

@@ -4,8 +4,13 @@ Reward: the retry's text has even length, so a tiny random model gets about half
 variance and something to learn. tests/test_torchrun.py runs train.py under torchrun with this task;
 it needs tests/ on PYTHONPATH.
 
+`SkewedTask` decides right or wrong by the example alone, laid out so that under 2 ranks one rank's
+examples all succeed and the other's all fail (tests/test_torchrun.py: no rank may hang on the others).
+
 It does not: load data, score anything meaningful, or stand in for the real tasks in r3/tasks.
 """
+import os
+import time
 
 
 class ParityTask:
@@ -21,3 +26,24 @@ class ParityTask:
 
     def verify(self, ex, text):
         return len(text) % 2 == 0
+
+
+class SkewedTask:
+    """Example i is right (whatever the text) by its index: train query i iff i < 4 (the failure build gives
+    rank r of 2 the contiguous half r: rank 0 solves all, rank 1 none); test example i iff i is even (the
+    evaluation gives rank r every 2nd example from r: the same split by rank). With TOY_HANG_RANK=r in the
+    environment, rank r hangs in the evaluation's first verify (a rank that never comes)."""
+    name = "skewed"
+    reflection_prompt = "You failed. Reflect."
+
+    def examples(self, split):
+        ok = (lambda i: i < 4) if split == "train" else (lambda i: i % 2 == 0)
+        return [{"q": f"Say something, {i}.", "ok": ok(i), "split": split} for i in range(8)]
+
+    def prompt(self, ex):
+        return [{"role": "user", "content": ex["q"]}]
+
+    def verify(self, ex, text):
+        if ex["split"] == "test" and os.environ.get("RANK") == os.environ.get("TOY_HANG_RANK", "none"):
+            time.sleep(3600)
+        return ex["ok"]

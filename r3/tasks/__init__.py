@@ -3,7 +3,7 @@
 A task is what the training and sampling scripts need to know about a problem set, and nothing more:
 
     name: str                                   registry name, e.g. "countdown"
-    reflection_prompt: str                      the paper's reflection request for this task (PAPER.md 5)
+    reflection_prompt: str                      the paper's reflection request for this task (docs/method.md section 5)
     examples(split) -> list[dict]               "train" / "test" (bfcl also takes a category name); each a
                                                 JSON-serialisable dict (they go into failures JSONL and back)
     prompt(example) -> list[dict]               chat messages of the first attempt, the question last (the

@@ -1,5 +1,5 @@
 """BFCL: the Berkeley Function Calling Leaderboard's single-turn categories as a task, checked against
-BFCL's possible answers by our own code (PAPER.md 6: the function-calling data we can reach offline).
+BFCL's possible answers by our own code (docs/method.md section 6: the function-calling data we can reach offline).
 
 Data: the question and possible-answer files shipped in the PyPI package bfcl-eval,
 bfcl_eval/data/BFCL_v4_<category>.json and bfcl_eval/data/possible_answer/BFCL_v4_<category>.json

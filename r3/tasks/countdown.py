@@ -1,4 +1,4 @@
-"""Countdown: reach a target with the given numbers and + - * /, each number used once (PAPER.md 6).
+"""Countdown: reach a target with the given numbers and + - * /, each used once (docs/method.md section 6).
 
 Data comes from a seeded generator of solvable problems (the public Countdown-Tasks-3to4 set is itself
 generated, so a generator with a seed is a faithful substitute) or from rows `{target, nums}` of a
@@ -8,7 +8,7 @@ operators (ONESHOTS), and is never a problem of the data. The verifier reads the
 evaluates it with exact fractions.
 
 What it does not do: call eval() on model text, give partial credit, ask for chain of thought or
-<answer> tags (the paper's prompts were one-shot without chain of thought, PAPER.md 3).
+<answer> tags (the paper's prompts were one-shot without chain of thought, docs/method.md section 3).
 """
 import ast
 import operator
@@ -256,7 +256,7 @@ def verify_equation(text: str, nums: list[int], target: int) -> bool:
     """True iff the answer's equation uses exactly the given numbers (as a multiset) with + - * / and
     parentheses, and its exact value is within 1e-5 of `target`. Never raises; never evaluates Python.
 
-    Real division: intermediates need not be integers, so (1 / 3) * 3 counts as 1 (PAPER.md 6).
+    Real division: intermediates need not be integers, so (1 / 3) * 3 counts as 1 (docs/method.md section 6).
     NOTE: unary minus (and unary plus) is rejected. The given numbers are positive, and the paper's
     verifier admits only digits, operators, parentheses and spaces, so "-3 + 5" would need a negative
     literal that was never given; "5 - 3" says the same thing legally.

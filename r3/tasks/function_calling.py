@@ -1,4 +1,4 @@
-"""Function calling in the APIGen / xLAM format: answer a query with a JSON list of tool calls (PAPER.md 6).
+"""Function calling, APIGen / xLAM format: answer a query with a JSON list of tool calls (docs/method.md section 6).
 
 Records are `{query, tools, answers}`; `tools` and `answers` may be JSON strings (as in xLAM-60k) or
 lists. The model sees the tools as JSON (after one solved example, `oneshot`) and must answer
