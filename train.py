@@ -147,8 +147,9 @@ def first_failures(policy, tok, task, cfg: TrainConfig, out: Path, given, rank: 
     failures = given
     if failures is None:
         dist.print0(f"building the failure set: {cfg.train_examples} queries x {cfg.attempts} attempts ...")
+        t0 = time.time()
         failures, first_try = build_failures(policy, tok, task, cfg, rank, world, cfg.seed)
-        dist.print0(f"first-try success {first_try:.1%}; {len(failures)} failures")
+        dist.print0(f"first-try success {first_try:.1%}; {len(failures)} failures ({time.time() - t0:.0f} s)")
         if rank == 0:
             write_jsonl_atomic(out / "failures.jsonl", failures)
     if not failures:
@@ -251,9 +252,11 @@ def main(cfg: TrainConfig) -> None:
                     failures, order, cursor = new, None, 0
                 row.update(refreshed_failures=len(new), first_try=rate)
             if cfg.eval_examples and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                t_eval = time.time()
                 _, c = two_try_eval(policy, tok, task, task.examples("test")[: cfg.eval_examples],
                                     cfg.max_attempt_tokens, cfg.max_reflection_tokens, rank=rank, world=world)
-                row.update(eval_n=c["n"], eval_first=c["first"] / c["n"], eval_second=c["second"] / c["n"])
+                row.update(eval_n=c["n"], eval_first=c["first"] / c["n"], eval_second=c["second"] / c["n"],
+                           eval_s=round(time.time() - t_eval, 2))
             if rank == 0:
                 append_jsonl(out / "metrics.jsonl", row)
                 sample = {"step": step, "failure": mine[0], "samples": ro.texts[: cfg.group_size]}  # one group's texts
