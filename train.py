@@ -34,7 +34,7 @@ from r3.checkpoint import (check_resumable, full_state_dict, latest_checkpoint, 
 from r3.cli import parse_flags
 from r3.cpu import setup_cpu
 from r3.errors import UserError
-from r3.evaluate import two_try_eval
+from r3.evaluate import two_try_eval, wilson
 from r3.grpo import group_advantages, rollout_stats, update
 from r3.jsonl import append_jsonl, can_write, read_failures, read_jsonl, truncate_jsonl, write_jsonl_atomic
 from r3.plot import plot_metrics
@@ -79,6 +79,7 @@ class TrainConfig:
     # bookkeeping
     eval_every: int = 0  # held-out +reflection second-try evaluation every N steps (0: only at the end)
     eval_examples: int = 64  # held-out examples per evaluation (0: no evaluation)
+    eval_split: str = "test"  # split evaluated ("val" where a task has one: for choosing settings, not reporting)
     save_every: int = 10  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # seeds data order and every sample
@@ -87,7 +88,7 @@ class TrainConfig:
 
 
 # Fields that may change on resume; everything else must match the checkpoint.
-RESUMABLE_CHANGES = {"steps", "eval_every", "eval_examples", "save_every", "keep_checkpoints", "threads", "failures",
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_examples", "eval_split", "save_every", "keep_checkpoints", "threads", "failures",
                      "shared_prefix", "collective_timeout"}
 
 
@@ -121,7 +122,10 @@ def check_config(cfg: TrainConfig, world: int):
         read_config(cfg.model)  # names a missing directory or config.json
     if cfg.task_data and not Path(cfg.task_data).exists():
         raise UserError(f"--task_data={cfg.task_data}: file not found")
-    return task_from_flags(cfg.task, cfg.task_data, cfg.task_options)
+    task = task_from_flags(cfg.task, cfg.task_data, cfg.task_options)
+    if cfg.eval_examples:
+        task.examples(cfg.eval_split)  # an unknown or empty split names itself here
+    return task
 
 
 def next_failures(failures: list[dict], order, cursor: int, n: int, seed: int, step: int):
@@ -180,6 +184,31 @@ def sample_groups(policy, tok, task, cfg: TrainConfig, mine: list[dict], seed: i
                        cfg.temperature, cfg.retry_temperature, cfg.top_p, seed, method=cfg.method, first=first)
 
 
+def heldout_eval(policy, tok, task, cfg: TrainConfig, rank: int, world: int) -> dict:
+    """The held-out evaluation (greedy first try, +reflection second try; `sample.py eval`'s protocol) on the
+    first eval_examples of --eval_split, as metrics fields; a collective: every rank calls it at the same step."""
+    t0 = time.time()
+    examples = task.examples(cfg.eval_split)[: cfg.eval_examples]
+    _, c = two_try_eval(policy, tok, task, examples, cfg.max_attempt_tokens, cfg.max_reflection_tokens, rank=rank,
+                        world=world)
+    return dict(eval_n=c["n"], eval_first=c["first"] / c["n"], eval_second=c["second"] / c["n"],
+                eval_s=round(time.time() - t0, 2))
+
+
+def before_after(rows: list[dict]) -> str:
+    """The run's held-out result: the first evaluation (step 0) -> the last, with 95% Wilson intervals."""
+    evals = [r for r in rows if "eval_n" in r]
+    if len(evals) < 2:
+        return ""
+    a, b = evals[0], evals[-1]
+
+    def pct(r, k):
+        lo, hi = wilson(round(r[k] * r["eval_n"]), r["eval_n"])
+        return f"{100 * r[k]:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+    return (f"held-out, n={b['eval_n']}, step {a['step']} -> {b['step']}: first try {pct(a, 'eval_first')} -> "
+            f"{pct(b, 'eval_first')}; +reflection second try {pct(a, 'eval_second')} -> {pct(b, 'eval_second')}")
+
+
 def main(cfg: TrainConfig) -> None:
     t_start = time.time()
     rank, world, device = dist.init(cfg.collective_timeout)
@@ -212,6 +241,13 @@ def main(cfg: TrainConfig) -> None:
         for f in ("metrics.jsonl", "samples.jsonl") if rank == 0 else ():  # rows after the checkpoint come again
             truncate_jsonl(out / f, step)
         dist.print0(f"resumed from {ckpt} at step {step}")
+
+    if ckpt is None and cfg.eval_examples:  # step 0: the untrained policy, the baseline of every later evaluation
+        row = {"step": 0} | heldout_eval(policy, tok, task, cfg, rank, world)
+        if rank == 0:
+            append_jsonl(out / "metrics.jsonl", row)
+            print(f"step 0: held-out first try {row['eval_first']:.1%}, +reflection second try "
+                  f"{row['eval_second']:.1%} (n={row['eval_n']})", flush=True)
 
     per_rank = cfg.failures_per_step // world
     # the loop; `with` closes the progress bar on Ctrl-C too, so the one-line message starts a line of its own
@@ -252,11 +288,7 @@ def main(cfg: TrainConfig) -> None:
                     failures, order, cursor = new, None, 0
                 row.update(refreshed_failures=len(new), first_try=rate)
             if cfg.eval_examples and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                t_eval = time.time()
-                _, c = two_try_eval(policy, tok, task, task.examples("test")[: cfg.eval_examples],
-                                    cfg.max_attempt_tokens, cfg.max_reflection_tokens, rank=rank, world=world)
-                row.update(eval_n=c["n"], eval_first=c["first"] / c["n"], eval_second=c["second"] / c["n"],
-                           eval_s=round(time.time() - t_eval, 2))
+                row.update(heldout_eval(policy, tok, task, cfg, rank, world))
             if rank == 0:
                 append_jsonl(out / "metrics.jsonl", row)
                 sample = {"step": step, "failure": mine[0], "samples": ro.texts[: cfg.group_size]}  # one group's texts
@@ -277,6 +309,9 @@ def main(cfg: TrainConfig) -> None:
     full = full_state_dict(policy)
     if rank == 0:
         final = save_hf(policy, out / "final", tokenizer_dir=model_dir, state_dict=full)
+        summary = before_after(read_jsonl(out / "metrics.jsonl"))
+        if summary:
+            print(summary, flush=True)
         print(f"done in {time.time() - t_start:.0f} s: {out}/ metrics.jsonl, samples.jsonl, metrics.png, "
               f"checkpoints/, {final.name}/ (the trained model)", flush=True)
     dist.shutdown()

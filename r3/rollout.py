@@ -215,6 +215,18 @@ def collect_failures(model, tok, task, examples: list[dict], attempts: int, max_
     return failures, successes
 
 
+def retry_after(model, tok, task, failures: list[dict], reflections: list[str], max_new_tokens: int,
+                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[bool]:
+    """One retry per failure after a reflection given as text (one per failure), in two_tries' layout:
+    context / assistant(reflection) / the question again. Returns each retry's verdict (task.verify)."""
+    prompts = [render_prompt(tok, reflection_context(task, f["example"], f["attempt"])
+                             + [{"role": "assistant", "content": r}, task.prompt(f["example"])[-1]])
+               for f, r in zip(failures, reflections)]
+    retries = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       stop_ids=[end_of_turn_id(tok)], seed=item_seeds(seed, 0, len(prompts)))
+    return [task.verify(f["example"], y) for f, y in zip(failures, _texts(tok, retries))]
+
+
 def two_tries(model, tok, task, examples: list[dict], max_new_tokens: int, max_reflection_tokens: int,
               temperature: float, top_p: float = 1.0, seed: int = 0) -> list[dict]:
     """The paper's evaluation protocol (docs/method.md section 7) per example: a first try; on failure, one

@@ -117,6 +117,8 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _assert_same_metrics(ref: list[dict], got: list[dict], loss_tol: float) -> None:
+    assert [r["step"] for r in got if "reward" not in r] == [r["step"] for r in ref if "reward" not in r] == [0]
+    ref, got = ([r for r in rows if "reward" in r] for rows in (ref, got))  # the training steps
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, STEPS + 1)), (ref, got)
     for a, b in zip(ref, got):
         assert a["reward"] == b["reward"], f"step {a['step']}: reward {a['reward']} vs {b['reward']}"
@@ -257,8 +259,9 @@ def test_signal_mid_run_stops_all_ranks_and_the_same_command_resumes(job, straig
     cmd = TORCHRUN + STANDALONE + job(out)
     proc = _start(cmd)
     deadline = time.monotonic() + 240
-    # two rows: step 2 is done, so checkpoint 1 is complete; the signal lands in step 3 or checkpoint 2
-    while len(_metrics(out)) < 2:
+    # three rows (step 0's evaluation, steps 1 and 2): step 2 is done, so checkpoint 1 is complete; the signal
+    # lands in step 3 or checkpoint 2
+    while len(_metrics(out)) < 3:
         if proc.poll() is not None or time.monotonic() > deadline:
             _kill(_tree(proc.pid))
             pytest.fail(f"no second metrics row (exit {proc.poll()}); stderr:\n{proc.communicate()[1][-4000:]}")
@@ -349,7 +352,7 @@ def test_one_rank_all_right_the_other_all_wrong_finishes_with_the_counts_of_one_
     keys = ("step", "eval_n", "eval_first", "eval_second", "refreshed_failures", "first_try", "reward")
     two, one = ([{k: r.get(k) for k in keys} for r in _metrics(tmp_path / d)] for d in ("two", "one"))
     assert two == one, (two, one)
-    assert two[0] | two[1] == {"step": 2, "eval_n": 8, "eval_first": 0.5, "eval_second": 0.5, "refreshed_failures": 4,
+    assert two[2] == {"step": 2, "eval_n": 8, "eval_first": 0.5, "eval_second": 0.5, "refreshed_failures": 4,
                                "first_try": 0.5, "reward": 0.0}, two
     assert (tmp_path / "two" / "failures.jsonl").read_text() == (tmp_path / "one" / "failures.jsonl").read_text()
     assert (tmp_path / "two" / "final" / "config.json").exists()
@@ -358,11 +361,12 @@ def test_one_rank_all_right_the_other_all_wrong_finishes_with_the_counts_of_one_
 @pytest.mark.slow
 @needs_proc
 def test_a_rank_that_never_comes_ends_the_run_in_one_line_and_the_same_command_resumes(tiny_dir, tmp_path):
-    # rank 1 hangs in the step-2 evaluation (toy_task.SkewedTask, TOY_HANG_RANK): rank 0 waits in the
-    # evaluation's all-reduce until the process-group timeout, says so in one line and ends the run
+    # rank 1 hangs in the step-2 evaluation (toy_task.SkewedTask: TOY_HANG_RANK, after the 8 verdicts of its
+    # step-0 evaluation): rank 0 waits in the evaluation's all-reduce until the process-group timeout, says
+    # so in one line and ends the run
     cmd = TORCHRUN + STANDALONE + _skewed(tiny_dir, tmp_path / "run") + ["--eval_every=2", "--collective_timeout=20"]
     t0 = time.monotonic()
-    rc, _, err = _run(cmd, timeout=240, env={"TOY_HANG_RANK": "1"})
+    rc, _, err = _run(cmd, timeout=240, env={"TOY_HANG_RANK": "1", "TOY_HANG_AFTER": "8"})
     ours = [ln for ln in err.splitlines() if ln.startswith(("error:", "interrupted"))]
     want = "error: rank 0 waited 20 s in all_reduce_sum (the evaluation's counts) for a rank that never joined"
     assert rc != 0 and ours == [ours[0]] and ours[0].startswith(want), err[-4000:]
@@ -370,4 +374,4 @@ def test_a_rank_that_never_comes_ends_the_run_in_one_line_and_the_same_command_r
     assert time.monotonic() - t0 < 180
     rc, _, err = _run(cmd, timeout=300)  # the same command, nothing hangs now
     _assert_clean(rc, err, "the resumed run")
-    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3]
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [0, 1, 2, 3]

@@ -101,7 +101,7 @@ def test_killed_save_leaves_previous_checkpoint(tiny_dir, toy, tmp_path, monkeyp
     assert train.latest_checkpoint(tmp_path / "run").name == "step_000001"
     monkeypatch.setattr(r3.checkpoint.dcp, "save", real_save)
     train.main(_cfg(tiny_dir, toy, tmp_path / "run", steps=3))
-    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3]
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [0, 1, 2, 3]  # step 0: the untrained model's eval
 
 
 def test_incompatible_resume_is_refused(tiny_dir, toy, tmp_path):
@@ -162,9 +162,18 @@ def _cli_flags(tiny_dir, fails, out, **kw):
     return [f"--{k}={v}" for k, v in vars(cfg).items()]
 
 
+def test_eval_split_is_checked_with_the_task():
+    with pytest.raises(train.UserError, match="unknown split 'nope'"):
+        train.check_config(train.TrainConfig(task="countdown2", eval_split="nope"), 1)
+    with pytest.raises(train.UserError, match="split 'val' of task 'countdown' is empty"):
+        train.check_config(train.TrainConfig(task="countdown2", eval_split="val"), 1)  # countdown2 holds none back
+    train.check_config(train.TrainConfig(task="countdown2_sum3shot", eval_split="val"), 1)
+
+
 def test_every_field_is_checked():
     cfg = train.TrainConfig()
-    checked_by_loading = {"model", "task", "task_data", "task_options"}  # config.json read, task built, in check_config
+    # config.json read, task built and its eval split read, in check_config
+    checked_by_loading = {"model", "task", "task_data", "task_options", "eval_split"}
     assert set(train.config_rules(cfg, 1)) | checked_by_loading == set(vars(cfg))
     assert all(ok for ok, _ in train.config_rules(cfg, 1).values()), "a default value is refused"
 
@@ -192,7 +201,7 @@ def test_bad_config_value_is_one_line_before_the_model_loads(tiny_dir, toy, tmp_
                                                              message):
     for module in (train, r3_checkpoint):
         monkeypatch.setattr(module, "load_hf", lambda *a, **k: pytest.fail("a model was loaded"))
-    monkeypatch.setattr(train.dist, "init", lambda: (0, 2, torch.device("cpu")))  # as under torchrun with 2 ranks
+    monkeypatch.setattr(train.dist, "init", lambda *a: (0, 2, torch.device("cpu")))  # as under torchrun with 2 ranks
     import r3.tasks
 
     monkeypatch.setattr(r3.tasks, "get_task", lambda name, **kw: ParityTask() if name == "parity" else
@@ -239,7 +248,7 @@ def test_interrupt_is_one_line_naming_step_and_checkpoint(tiny_dir, toy, tmp_pat
                         "resume\n"), err[-500:]
     monkeypatch.setattr(train, "rollout", real)
     train.main(_cfg(tiny_dir, toy, tmp_path / "run", steps=3))  # the same command resumes
-    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3]
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [0, 1, 2, 3]  # step 0: the untrained model's eval
 
 
 def _samples(out):
@@ -260,25 +269,32 @@ def test_resume_cuts_samples_back_and_a_fresh_run_starts_anew(tiny_dir, toy, tmp
 
     shutil.rmtree(run / "checkpoints")  # no checkpoint: the next run starts every output anew
     train.main(_cfg(tiny_dir, toy, run, steps=1))
-    assert [r["step"] for r in _metrics(run)] == [1] and [r["step"] for r in _samples(run)] == [1]
+    assert [r["step"] for r in _metrics(run)] == [0, 1] and [r["step"] for r in _samples(run)] == [1]
     assert toy.exists()  # the given failures file is the user's: never removed
 
 
-def test_final_evaluation_equals_sample_eval_on_the_exported_model(tiny_dir, toy, tmp_path):
-    """Part of one protocol: the same budgets and rows from train.py's end-of-run evaluation and `sample.py eval`."""
+def test_step0_and_final_evaluations_equal_sample_eval_on_the_untrained_and_exported_models(tiny_dir, toy, tmp_path,
+                                                                                            capsys):
+    """Part of one protocol: the same budgets and rows from train.py's evaluations (step 0: the untrained model;
+    the end of the run: the exported one) and `sample.py eval`; the last line says before -> after."""
     cfg = _cfg(tiny_dir, toy, tmp_path / "run", steps=1, eval_examples=6)
     train.main(cfg)
-    row = _metrics(tmp_path / "run")[-1]
+    rows = _metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1] and "eval_n" in rows[0] and "reward" not in rows[0]
     env = os.environ | {"PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"}
-    r = subprocess.run([sys.executable, "sample.py", "eval", f"--model={tmp_path / 'run' / 'final'}",
-                        "--task=conftest:ParityTask", "--num_examples=6",
-                        f"--max_attempt_tokens={cfg.max_attempt_tokens}",
-                        f"--max_reflection_tokens={cfg.max_reflection_tokens}", f"--out={tmp_path / 'eval.json'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    ev = json.loads((tmp_path / "eval.json").read_text())
-    assert (ev["n"], ev["first"]["accuracy"], ev["second"]["accuracy"]) == (row["eval_n"], row["eval_first"],
-                                                                         row["eval_second"])
+    for model, row in ((tiny_dir, rows[0]), (tmp_path / "run" / "final", rows[-1])):
+        r = subprocess.run([sys.executable, "sample.py", "eval", f"--model={model}",
+                            "--task=conftest:ParityTask", "--num_examples=6",
+                            f"--max_attempt_tokens={cfg.max_attempt_tokens}",
+                            f"--max_reflection_tokens={cfg.max_reflection_tokens}", f"--out={tmp_path / 'eval.json'}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        ev = json.loads((tmp_path / "eval.json").read_text())
+        assert (ev["n"], ev["first"]["accuracy"], ev["second"]["accuracy"]) == (row["eval_n"], row["eval_first"],
+                                                                             row["eval_second"]), model
+    lo, hi = train.wilson(round(rows[0]["eval_first"] * 6), 6)
+    assert f"held-out, n=6, step 0 -> 1: first try {100 * rows[0]['eval_first']:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]" \
+        in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("method", ["grpo", "r3_retry"])

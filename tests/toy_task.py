@@ -32,7 +32,8 @@ class SkewedTask:
     """Example i is right (whatever the text) by its index: train query i iff i < 4 (the failure build gives
     rank r of 2 the contiguous half r: rank 0 solves all, rank 1 none); test example i iff i is even (the
     evaluation gives rank r every 2nd example from r: the same split by rank). With TOY_HANG_RANK=r in the
-    environment, rank r hangs in the evaluation's first verify (a rank that never comes)."""
+    environment, rank r hangs in an evaluation (a rank that never comes): at its verify of a held-out
+    example after the first TOY_HANG_AFTER (default 0)."""
     name = "skewed"
     reflection_prompt = "You failed. Reflect."
 
@@ -43,7 +44,11 @@ class SkewedTask:
     def prompt(self, ex):
         return [{"role": "user", "content": ex["q"]}]
 
+    held_out_verdicts = 0
+
     def verify(self, ex, text):
         if ex["split"] == "test" and os.environ.get("RANK") == os.environ.get("TOY_HANG_RANK", "none"):
-            time.sleep(3600)
+            SkewedTask.held_out_verdicts += 1
+            if SkewedTask.held_out_verdicts > int(os.environ.get("TOY_HANG_AFTER", "0")):
+                time.sleep(3600)
         return ex["ok"]

@@ -10,6 +10,11 @@ A task is what the training and sampling scripts need to know about a problem se
                                                 retry re-asks only that turn; `question_turns` builds them)
     verify(example, text) -> bool               the binary reward; never raises, whatever the text
 
+Optional, for the learnability check (bench/step0_signal.py), which writes reflections itself:
+
+    hint(example) -> str | None                 a reflection that names the fix without the answer
+    answer(example) -> str | None               a reflection that spells out a right answer
+
 `get_task(name, **options)` builds one: a registered name, or `module:Class` for a task of one's own
 (the module is imported from sys.path, e.g. a my_task.py next to train.py; `Class(**options)`).
 Tasks load their data lazily, on the first `examples()` call.
@@ -59,6 +64,12 @@ REGISTRY = {
     # step-0 groups have reward variance (1-99 gave 12.5%, with 745 held out).
     "countdown2": ("countdown", "Countdown", {"n_numbers": 2, "max_number": 50, "max_target": 100, "ops": "+-",
                                               "test_fraction": 0.2}),
+    # countdown2's problems after a mismatched one-shot, the 3-number sum "4 + 9 + 3": the default model
+    # copies the example's shape and appends "+ 3" to many answers, a systematic error it can see in its
+    # own attempt (bench/RESULTS.md: the learnability check).
+    "countdown2_sum3shot": ("countdown", "Countdown", {"n_numbers": 2, "max_number": 50, "max_target": 100,
+                                                       "ops": "+-", "test_fraction": 0.2, "val_examples": 200,
+                                                       "oneshot_numbers": 3, "oneshot_ops": "+"}),
     "xlam": ("function_calling", "XLAM", {}),
     "bfcl": ("bfcl", "BFCL", {}),
 }

@@ -28,6 +28,7 @@ Python-call answer format (its decoder evaluates model text); renaming "." to "_
 (BFCL does that for APIs that forbid dots; our answers are JSON text, so names keep their dots).
 """
 import importlib.util
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,25 @@ class BFCL:
             return check_calls(calls, example["functions"], example["possible_answer"])
         except RecursionError:  # a value nested ~1000 deep: compared values recurse
             return False
+
+
+    def hint(self, example: dict) -> str:
+        """A reflection naming the functions to call and their required arguments, without values."""
+        calls = [f"{name} with the arguments {', '.join(_required(params)) or 'none'}"
+                 for call in example["possible_answer"] for name, params in call.items()]
+        return f"My tool call was wrong. The right answer calls {'; then '.join(calls)}."
+
+    def answer(self, example: dict) -> str:
+        """A reflection that gives a right answer: each call with the first acceptable value of each
+        required argument (BFCL's possible answers list several; "" marks an optional argument)."""
+        calls = [{"name": name, "arguments": {k: v[0] for k, v in params.items() if k in _required(params)}}
+                 for call in example["possible_answer"] for name, params in call.items()]
+        return f"My tool call was wrong. The right answer is {json.dumps(calls)}"
+
+
+def _required(params: dict) -> list[str]:
+    """The parameters of a possible answer that must be present (an acceptable "" makes one optional)."""
+    return [k for k, v in params.items() if "" not in v]
 
 
 def bfcl_data_dir(data_dir=None) -> Path:

@@ -78,6 +78,9 @@ class Countdown:
     data_path: str | None = None  # JSONL/JSON/parquet rows with `target` and `nums`; None: generate
     oneshot: bool = True  # a worked example of the problem's shape as a user/assistant pair before the question
     ops: str = "+-*/"  # operators the generator builds targets with (the verifier always accepts all four)
+    val_examples: int = 0  # the last N training problems held back as split "val" (for choosing settings)
+    oneshot_numbers: int = 0  # numbers in the one-shot example (0: as many as the problem; else a mismatched one)
+    oneshot_ops: str = ""  # operators of the one-shot example ("": the task's ops)
     reflection_prompt: ClassVar[str] = REFLECTION_PROMPT
     _pool: dict | None = field(default=None, init=False, repr=False)
 
@@ -87,21 +90,27 @@ class Countdown:
                                 f"got {self.n_numbers}, {self.max_number}, {self.max_target}")
         if not self.ops or set(self.ops) - set("+-*/"):
             raise TaskDataError(f"task {self.name!r}: ops must be a non-empty subset of '+-*/', got {self.ops!r}")
+        if self.val_examples < 0:
+            raise TaskDataError(f"task {self.name!r}: val_examples must be >= 0, got {self.val_examples}")
         if not 0 <= self.test_fraction < 1:
             raise TaskDataError(f"task {self.name!r}: test_fraction must be in [0, 1), got {self.test_fraction}")
         self._oneshots()  # a shape with no example fails here, before any model loads
 
     def examples(self, split: str) -> list[dict]:
-        """'train' or 'test' problems: dicts {id, nums, target} (+ `solution` when generated)."""
-        if split not in ("train", "test"):
-            raise TaskDataError(f"unknown split {split!r} for task {self.name!r}; use 'train' or 'test'")
+        """'train', 'val' or 'test' problems: dicts {id, nums, target} (+ `solution` when generated). 'val'
+        is the last `val_examples` of the training problems, which 'train' then leaves out."""
+        if split not in ("train", "val", "test"):
+            raise TaskDataError(f"unknown split {split!r} for task {self.name!r}; use 'train', 'val' or 'test'")
         if self._pool is None:
             self._pool = {"train": [], "test": []}
             shown = {shot["id"] for shot in self._oneshots()}  # an example shown is never a problem of the data
             for ex in self._load():
                 if ex["id"] not in shown:
                     self._pool[split_of(ex["id"], self.test_fraction)].append(ex)
-        hint = f"raise num_examples (now {self.num_examples}) or test_fraction (now {self.test_fraction})"
+            cut = len(self._pool["train"]) - self.val_examples
+            self._pool["train"], self._pool["val"] = self._pool["train"][:cut], self._pool["train"][cut:]
+        hint = (f"raise num_examples (now {self.num_examples}), test_fraction (now {self.test_fraction}) or "
+                f"val_examples (now {self.val_examples})")
         return list(require_nonempty(self._pool[split], self.name, split, hint))
 
     def prompt(self, example: dict) -> list[dict]:
@@ -111,17 +120,32 @@ class Countdown:
         question = QUESTION.format(nums=list(example["nums"]), target=example["target"])
         if not self.oneshot:
             return question_turns(question)
-        shot = oneshot_example(len(example["nums"]), self.ops)
+        shot = oneshot_example(self.oneshot_numbers or len(example["nums"]), self.oneshot_ops or self.ops)
         return question_turns(question, (QUESTION.format(nums=shot["nums"], target=shot["target"]), shot["solution"]))
 
     def verify(self, example: dict, text: str) -> bool:
         return verify_equation(text, example["nums"], example["target"])
 
+    def hint(self, example: dict) -> str | None:
+        """A reflection naming the fix (the numbers, each once, and the reference solution's operations)
+        without the equation; None without a reference solution (problems read from a file)."""
+        if "solution" not in example:
+            return None
+        names = {"+": "addition", "-": "subtraction", "*": "multiplication", "/": "division"}
+        used = " and ".join(names[op] for op in "+-*/" if op in example["solution"])
+        return (f"My equation was wrong. A right one uses only the numbers {list(example['nums'])}, each exactly "
+                f"once, combined with {used}.")
+
+    def answer(self, example: dict) -> str | None:
+        return f"My equation was wrong. The right equation is {example['solution']}." if "solution" in example else None
+
     def _sizes(self) -> list[int]:
         return [self.n_numbers] if isinstance(self.n_numbers, int) else list(self.n_numbers)
 
     def _oneshots(self) -> list[dict]:
-        return [oneshot_example(k, self.ops) for k in self._sizes()] if self.oneshot else []
+        if not self.oneshot:
+            return []
+        return [oneshot_example(self.oneshot_numbers or k, self.oneshot_ops or self.ops) for k in self._sizes()]
 
     def _load(self) -> list[dict]:
         if self.data_path is not None:
