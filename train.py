@@ -77,7 +77,7 @@ class TrainConfig:
     adv_scale: str = "group"  # "group": divide advantages by the group std; "none": only centre them
     shared_prefix: bool = True  # update: encode each group's shared context once (false: every row whole; same numbers)
     # bookkeeping
-    eval_every: int = 0  # held-out +reflection second-try evaluation every N steps (0: only at the end)
+    eval_every: int = 14  # held-out evaluation every N steps, besides step 0 and the end (0: only those two)
     eval_examples: int = 64  # held-out examples per evaluation (0: no evaluation)
     eval_split: str = "test"  # split evaluated ("val" where a task has one: for choosing settings, not reporting)
     save_every: int = 10  # checkpoint every N steps (0: only at the end)

@@ -16,7 +16,7 @@ variance; (a) says how many there are at step 0. (b) says why: if even the answe
 not copied into the retry, nothing written in a reflection reaches the retry; if the hint does not help
 but sampled reflections sometimes do, learning rests on lucky samples.
 
-    python bench/step0_signal.py --candidates "countdown2:;countdown2_sum3shot:" --json --out check.json
+    python bench/step0_signal.py --candidates "countdown2:;countdown_sum3shot:" --json --out check.json
     python bench/step0_signal.py --candidates "bfcl:" --max_attempt_tokens 96 --failures 8
 
 It does not train, and its numbers are for one seed: with N=16 failures a rate is +-12 points or so.
@@ -126,7 +126,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--candidates", default="countdown2_sum3shot", help="';'-separated task[:options]")
+    ap.add_argument("--candidates", default="countdown_sum3shot", help="';'-separated task[:options]")
     ap.add_argument("--model", default="default", help="'default' or an HF model directory")
     ap.add_argument("--queries", type=int, default=128, help="training queries searched for failures")
     ap.add_argument("--attempts", type=int, default=2, help="sampled first attempts per query")

@@ -164,7 +164,7 @@ def test_generated_problems_are_solvable_by_their_own_solution():
 
 @pytest.mark.parametrize("name,sizes,max_number,max_target", [
     ("countdown3", {3}, 99, 100), ("countdown4", {4}, 99, 100), ("countdown_easy", {2}, 20, 40),
-    ("countdown2", {2}, 50, 100), ("countdown2_sum3shot", {2}, 50, 100),
+    ("countdown2", {2}, 50, 100), ("countdown_sum3shot", {2}, 40, 80),
 ])
 def test_presets_respect_their_difficulty(name, sizes, max_number, max_target):
     examples = get_task(name, num_examples=300).examples("train")
@@ -225,7 +225,7 @@ def test_prompt_is_the_paper_question_with_an_optional_worked_example():
 
 
 SHOWN = re.compile(r"^Using the numbers \[([0-9, ]+)\], create an equation that equals ([0-9]+)\. ")
-# presets whose one-shot example matches each problem's shape (countdown2_sum3shot mismatches it on purpose)
+# presets whose one-shot example matches each problem's shape (countdown_sum3shot mismatches it on purpose)
 COUNTDOWN_PRESETS = [name for name, (module, _, opts) in REGISTRY.items()
                      if module == "countdown" and not opts.get("oneshot_numbers")]
 
@@ -352,16 +352,16 @@ def test_val_split_is_the_end_of_train_and_train_leaves_it_out():
 
 
 def test_sum3shot_shows_the_three_number_sum_before_two_number_problems():
-    task = get_task("countdown2_sum3shot")
+    task = get_task("countdown_sum3shot")
     ex = task.examples("train")[0]
     shot_question, shot_answer, question = task.prompt(ex)
     assert len(ex["nums"]) == 2 and shot_answer["content"] == "4 + 9 + 3" and "[4, 9, 3]" in shot_question["content"]
     assert "equals 16" in shot_question["content"] and question["content"].endswith("Return only the equation.")
-    assert get_task("countdown2").examples("test") == task.examples("test")  # the same held-out problems
+    assert len(task.examples("test")) >= 400 and len(task.examples("val")) == 200
 
 
 def test_hint_names_the_operations_and_the_answer_spells_a_verified_equation():
-    task = get_task("countdown2_sum3shot")
+    task = get_task("countdown_sum3shot")
     for ex in task.examples("train")[:50]:
         hint, answer = task.hint(ex), task.answer(ex)
         assert ex["solution"] not in hint and str(ex["nums"]) in hint

@@ -64,12 +64,13 @@ REGISTRY = {
     # step-0 groups have reward variance (1-99 gave 12.5%, with 745 held out).
     "countdown2": ("countdown", "Countdown", {"n_numbers": 2, "max_number": 50, "max_target": 100, "ops": "+-",
                                               "test_fraction": 0.2}),
-    # countdown2's problems after a mismatched one-shot, the 3-number sum "4 + 9 + 3": the default model
-    # copies the example's shape and appends "+ 3" to many answers, a systematic error it can see in its
-    # own attempt (bench/RESULTS.md: the learnability check).
-    "countdown2_sum3shot": ("countdown", "Countdown", {"n_numbers": 2, "max_number": 50, "max_target": 100,
-                                                       "ops": "+-", "test_fraction": 0.2, "val_examples": 200,
-                                                       "oneshot_numbers": 3, "oneshot_ops": "+"}),
+    # 2-number problems (numbers 1-40, targets <= 80, + and -) after a mismatched one-shot, the 3-number sum
+    # "4 + 9 + 3": the default model copies the example's shape and appends a third term to many answers, a
+    # systematic error it can see in its own attempt. 481 held-out problems; the last 200 training problems
+    # are a validation split for choosing settings. Chosen with the learnability check (bench/RESULTS.md).
+    "countdown_sum3shot": ("countdown", "Countdown", {"n_numbers": 2, "max_number": 40, "max_target": 80,
+                                                      "ops": "+-", "test_fraction": 0.3, "val_examples": 200,
+                                                      "oneshot_numbers": 3, "oneshot_ops": "+"}),
     "xlam": ("function_calling", "XLAM", {}),
     "bfcl": ("bfcl", "BFCL", {}),
 }
