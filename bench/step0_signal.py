@@ -85,7 +85,8 @@ def follows(model, tok, task, fails, a) -> dict:
         write = (lambda ex: GENERIC) if kind == "generic" else getattr(task, kind, lambda ex: None)
         written = [write(f["example"]) for f in fails]
         have = [(f, r) for f, r in zip(fails, written) if r]
-        ok = retry_after(model, tok, task, [f for f, _ in have], [r for _, r in have], a.max_attempt_tokens) if have else []
+        ok = retry_after(model, tok, task, [f for f, _ in have], [r for _, r in have],
+                         a.max_attempt_tokens) if have else []
         out[kind] = {"n": len(have), "retry_success": sum(ok) / len(ok) if ok else None}
     return out
 

@@ -148,7 +148,8 @@ def straight(job, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
     rc, _, err = _run(TORCHRUN + STANDALONE + job(out))
     _assert_clean(rc, err, "the uninterrupted 2-rank run")
-    assert any(not r.get("skipped") for r in _metrics(out)), "every step skipped: no reward variance"
+    steps = [r for r in _metrics(out) if "reward" in r]  # the training steps (not step 0's evaluation)
+    assert any(not r.get("skipped") for r in steps), "every step skipped: no reward variance"
     return rc, err, _metrics(out)
 
 
@@ -294,9 +295,9 @@ def test_signal_mid_run_stops_all_ranks_and_the_same_command_resumes(job, straig
     state = _load_checkpoint_without_train(ckpt, tmp_path)
     tensors = [v for v in state["model"].values() if isinstance(v, torch.Tensor)]
     assert tensors and all(torch.isfinite(t).all() for t in tensors)
-    key = lambda rows: [(r["step"], r["reward"], r["loss"]) for r in rows]  # noqa: E731
-    done_rows = _metrics(out)
-    assert 2 <= len(done_rows) < STEPS and key(done_rows) == key(straight[2][: len(done_rows)])
+    key = lambda rows: [(r["step"], r["reward"], r["loss"]) for r in rows if "reward" in r]  # noqa: E731
+    done_rows = [r for r in _metrics(out) if "reward" in r]  # the training steps (not step 0's evaluation)
+    assert 2 <= len(done_rows) < STEPS and key(done_rows) == key(straight[2][1: len(done_rows) + 1])
 
     rc, stdout, err = _run(cmd)  # the same command again
     _assert_clean(rc, err, f"the run resumed after {how}")

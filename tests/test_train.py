@@ -52,13 +52,18 @@ def _metrics(out):
     return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def _steps(out):
+    """The training steps' rows (metrics.jsonl also has step 0's evaluation of the untrained model)."""
+    return [r for r in _metrics(out) if "reward" in r]
+
+
 def test_two_steps_change_policy_not_reference(tiny_dir, toy, tmp_path, monkeypatch):
     loaded = []
     real = r3_checkpoint.load_hf
     for module in (train, r3_checkpoint):  # the policy loads through r3.checkpoint.load_model, the reference here
         monkeypatch.setattr(module, "load_hf", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
     train.main(_cfg(tiny_dir, toy, tmp_path / "run"))
-    rows = _metrics(tmp_path / "run")
+    rows = _steps(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
     assert any(not r.get("skipped") for r in rows), "every step skipped: no reward variance"
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
@@ -76,7 +81,7 @@ def test_resume_equals_straight_run(tiny_dir, toy, tmp_path):
     train.main(_cfg(tiny_dir, toy, tmp_path / "a", steps=4))
     train.main(_cfg(tiny_dir, toy, tmp_path / "b", steps=2))
     train.main(_cfg(tiny_dir, toy, tmp_path / "b", steps=4))
-    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    a, b = _steps(tmp_path / "a"), _steps(tmp_path / "b")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         assert ra["reward"] == rb["reward"], (ra, rb)
@@ -145,7 +150,7 @@ def test_all_zero_variance_batch_skips_the_update(tiny_dir, toy, tmp_path, monke
     """A step where every group has equal rewards takes no update, says so, and produces no NaN."""
     monkeypatch.setattr(ParityTask, "verify", lambda self, ex, text: False)
     train.main(_cfg(tiny_dir, toy, tmp_path / "run"))
-    rows = _metrics(tmp_path / "run")
+    rows = _steps(tmp_path / "run")
     assert all(r["skipped"] and r["loss"] == 0.0 and r["zero_variance_frac"] == 1.0 for r in rows)
     start, final = train_load(tiny_dir), train_load(tmp_path / "run" / "final")
     assert all(torch.equal(start[k], final[k]) for k in start)
@@ -165,7 +170,7 @@ def _cli_flags(tiny_dir, fails, out, **kw):
 def test_eval_split_is_checked_with_the_task():
     with pytest.raises(train.UserError, match="unknown split 'nope'"):
         train.check_config(train.TrainConfig(task="countdown2", eval_split="nope"), 1)
-    with pytest.raises(train.UserError, match="split 'val' of task 'countdown' is empty"):
+    with pytest.raises(train.UserError, match="split 'val' of task 'countdown2' is empty"):
         train.check_config(train.TrainConfig(task="countdown2", eval_split="val"), 1)  # countdown2 holds none back
     train.check_config(train.TrainConfig(task="countdown_sum3shot", eval_split="val"), 1)
 
@@ -293,8 +298,8 @@ def test_step0_and_final_evaluations_equal_sample_eval_on_the_untrained_and_expo
         assert (ev["n"], ev["first"]["accuracy"], ev["second"]["accuracy"]) == (row["eval_n"], row["eval_first"],
                                                                              row["eval_second"]), model
     lo, hi = train.wilson(round(rows[0]["eval_first"] * 6), 6)
-    assert f"held-out, n=6, step 0 -> 1: first try {100 * rows[0]['eval_first']:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]" \
-        in capsys.readouterr().out
+    first = f"{100 * rows[0]['eval_first']:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+    assert f"held-out, n=6, step 0 -> 1: first try {first}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("method", ["grpo", "r3_retry"])
@@ -303,7 +308,7 @@ def test_each_method_trains_and_reports_its_sampled_tokens(tiny_dir, toy, tmp_pa
     failures as r3. Both update the policy through the same GRPO step and log the tokens they sampled."""
     kw = {"failures": ""} if method == "grpo" else {}
     train.main(_cfg(tiny_dir, toy, tmp_path / method, method=method, train_examples=6, **kw))
-    rows = _metrics(tmp_path / method)
+    rows = _steps(tmp_path / method)
     assert [r["step"] for r in rows] == [1, 2] and any(not r.get("skipped") for r in rows)
     assert all(r["sampled_tokens"] > 0 for r in rows)
     if method == "grpo":
