@@ -167,8 +167,9 @@ def build_failures(policy, tok, task, cfg: TrainConfig, rank: int, world: int, s
     examples = task.examples("train")[: cfg.train_examples]
     lo, hi = rank * len(examples) // world, (rank + 1) * len(examples) // world
     with dist.unsharded(policy), torch.no_grad():
-        fails, ok = collect_failures(policy, tok, task, examples[lo:hi], cfg.attempts, cfg.failures_per_query,
-                                     cfg.max_attempt_tokens, cfg.temperature, cfg.top_p, step_seed(seed, 0), first=lo)
+        fails, ok = collect_failures(policy, tok, task, examples[lo:hi], attempts=cfg.attempts,
+                                     max_per_example=cfg.failures_per_query, max_new_tokens=cfg.max_attempt_tokens,
+                                     temperature=cfg.temperature, top_p=cfg.top_p, seed=step_seed(seed, 0), first=lo)
     total_ok = int(dist.all_reduce_sum(torch.tensor(float(ok)), "the failure build's successes"))
     return dist.gather_lists(fails), total_ok / max(1, len(examples) * cfg.attempts)
 
@@ -178,10 +179,13 @@ def sample_groups(policy, tok, task, cfg: TrainConfig, mine: list[dict], seed: i
     gathered once; group i is seeded by its index `first` + i in the global batch: any world size samples alike."""
     with dist.unsharded(policy), torch.no_grad():
         if cfg.method == "grpo":
-            return grpo_rollout(policy, tok, task, [m["example"] for m in mine], cfg.group_size, cfg.max_attempt_tokens,
-                                cfg.temperature, cfg.top_p, seed, first=first)
-        return rollout(policy, tok, task, mine, cfg.group_size, cfg.max_reflection_tokens, cfg.max_attempt_tokens,
-                       cfg.temperature, cfg.retry_temperature, cfg.top_p, seed, method=cfg.method, first=first)
+            return grpo_rollout(policy, tok, task, [m["example"] for m in mine], group_size=cfg.group_size,
+                                max_new_tokens=cfg.max_attempt_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                seed=seed, first=first)
+        return rollout(policy, tok, task, mine, group_size=cfg.group_size,
+                       max_reflection_tokens=cfg.max_reflection_tokens, max_retry_tokens=cfg.max_attempt_tokens,
+                       temperature=cfg.temperature, retry_temperature=cfg.retry_temperature, top_p=cfg.top_p,
+                       seed=seed, method=cfg.method, first=first)
 
 
 def heldout_eval(policy, tok, task, cfg: TrainConfig, rank: int, world: int) -> dict:
