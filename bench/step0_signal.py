@@ -34,6 +34,7 @@ from tqdm import tqdm  # noqa: E402
 
 from r3.checkpoint import load_model  # noqa: E402
 from r3.cpu import setup_cpu  # noqa: E402
+from r3.grpo import rollout_stats  # noqa: E402
 from r3.rollout import collect_failures, reflect_and_retry, retry_after  # noqa: E402
 from r3.tasks import task_from_flags  # noqa: E402
 
@@ -43,9 +44,9 @@ GENERIC = "I made a mistake. I will be more careful next time."
 def find_failures(model, tok, task, queries, n, temperature, a, chunk):
     """Up to n failures, one per query, in query order; and the first-try success rate over the queries tried."""
     fails, ok, tried = [], 0, 0
+    attempts = 1 if temperature == 0 else a.attempts  # greedy attempts are all the same
     bar = tqdm(total=n, desc=f"failures T={temperature:g}", unit="failure")
     for c in range(0, len(queries), chunk):
-        attempts = 1 if temperature == 0 else a.attempts  # greedy attempts are all the same
         f, k = collect_failures(model, tok, task, queries[c:c + chunk], attempts, 1, a.max_attempt_tokens,
                                 temperature, a.top_p, seed=a.seed + c)
         fails, ok, tried = fails + f, ok + k, tried + attempts * len(queries[c:c + chunk])
@@ -57,10 +58,10 @@ def find_failures(model, tok, task, queries, n, temperature, a, chunk):
 
 
 def group_stats(rewards: list[bool], G: int) -> dict:
-    groups = [rewards[i:i + G] for i in range(0, len(rewards), G)]
-    return {"retry_success": sum(rewards) / max(1, len(rewards)),
-            "fixed_by_any_of_G": sum(any(g) for g in groups) / max(1, len(groups)),
-            "groups_with_variance": sum(any(g) and not all(g) for g in groups) / max(1, len(groups))}
+    """train.py's batch statistics (r3.grpo.rollout_stats) of G-row groups, under this report's names."""
+    s = rollout_stats(torch.tensor(rewards, dtype=torch.float32), G, torch.zeros(len(rewards), 1))
+    return {"retry_success": s["reward"], "fixed_by_any_of_G": s["second_try_success"],
+            "groups_with_variance": 1 - s["zero_variance_frac"]}
 
 
 def signal(model, tok, task, fails, a) -> dict:

@@ -72,6 +72,11 @@ def _turn(s: Sample, eot: int) -> list[int]:
     return (s.ids[:-1] if s.finish_reason == "stop" else s.ids) + [eot]
 
 
+def _text_retry_prompt(tok, context: list[dict], reflection: str, question: dict) -> list[int]:
+    """The retry's prompt rendered from a reflection's text: context / assistant(reflection) / the question."""
+    return render_prompt(tok, context + [{"role": "assistant", "content": reflection}, question])
+
+
 def _reask_ids(tok, context: list[dict], question: dict) -> list[int]:
     """The ids the template puts after the reflection's end-of-turn: the question asked again as a user
     turn, then the assistant header. Rendered once per failure around a placeholder reflection: special
@@ -148,7 +153,7 @@ def reflect_and_retry(model, tok, task, failures: list[dict], group_size: int, m
                            top_p=top_p, stop_ids=[eot], seed=seeds, keep=kept)
     refl_texts = _texts(tok, reflections)
     if retry_from_text:
-        retry_prompts = [render_prompt(tok, contexts[i // G] + [{"role": "assistant", "content": s}, questions[i // G]])
+        retry_prompts = [_text_retry_prompt(tok, contexts[i // G], s, questions[i // G])
                          for i, s in enumerate(refl_texts)]
     else:
         retry_prompts = [prompts[i // G] + _turn(s, eot) + reask[i // G] for i, s in enumerate(reflections)]
@@ -219,9 +224,8 @@ def retry_after(model, tok, task, failures: list[dict], reflections: list[str], 
                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[bool]:
     """One retry per failure after a reflection given as text (one per failure), in two_tries' layout:
     context / assistant(reflection) / the question again. Returns each retry's verdict (task.verify)."""
-    prompts = [render_prompt(tok, reflection_context(task, f["example"], f["attempt"])
-                             + [{"role": "assistant", "content": r}, task.prompt(f["example"])[-1]])
-               for f, r in zip(failures, reflections)]
+    prompts = [_text_retry_prompt(tok, reflection_context(task, f["example"], f["attempt"]), r,
+                                  task.prompt(f["example"])[-1]) for f, r in zip(failures, reflections)]
     retries = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                        stop_ids=[end_of_turn_id(tok)], seed=item_seeds(seed, 0, len(prompts)))
     return [task.verify(f["example"], y) for f, y in zip(failures, _texts(tok, retries))]
