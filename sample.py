@@ -31,6 +31,7 @@ from r3.cpu import keep_freed_memory
 from r3.errors import UserError
 from r3.evaluate import two_try_eval, wilson
 from r3.jsonl import can_write, read_jsonl, write_jsonl_atomic
+from r3.seeds import derive_seed
 from r3.tasks import task_from_flags
 
 
@@ -112,9 +113,12 @@ def failures(cfg: SampleConfig) -> None:
         for c in tqdm(chunks, initial=len(done), total=len(chunks), desc="first attempts", unit="chunk"):
             if c // cfg.chunk < len(done):
                 continue
-            # Seeded per chunk, so a resumed run samples exactly what an uninterrupted one would.
-            fails, ok = collect_failures(model, tok, task, examples[c:c + cfg.chunk], cfg.attempts, cfg.max_per_query,
-                                         cfg.max_attempt_tokens, cfg.temperature, cfg.top_p, cfg.seed + c)
+            # Query i draws from item i of the failure-build stream (r3/seeds.py), the one train.py's build uses,
+            # so a resumed run samples exactly what an uninterrupted one would.
+            fails, ok = collect_failures(model, tok, task, examples[c:c + cfg.chunk], attempts=cfg.attempts,
+                                         max_per_example=cfg.max_per_query, max_new_tokens=cfg.max_attempt_tokens,
+                                         temperature=cfg.temperature, top_p=cfg.top_p,
+                                         seed=derive_seed(cfg.seed, "failures", 0), first=c)
             row = {"config": _fingerprint(cfg), "chunk": c, "failures": fails, "successes": ok}
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -136,7 +140,8 @@ def evaluate(cfg: SampleConfig) -> dict:
     task, examples = check_config(cfg, "eval")
     model, tok = _load(cfg)
     rows, counts = two_try_eval(model, tok, task, examples, cfg.max_attempt_tokens, cfg.max_reflection_tokens,
-                                0.0 if cfg.greedy else cfg.temperature, cfg.top_p, cfg.seed, progress=True)
+                                0.0 if cfg.greedy else cfg.temperature, cfg.top_p, derive_seed(cfg.seed, "eval"),
+                                progress=True)
     n = counts["n"]
     result = {"config": dataclasses.asdict(cfg), "model_dir": resolve_model(cfg.model), "n": n}
     print(f"{'task':<16}{'model':<40}{'n':>5}  {'1st try':>22}  {'+reflection 2nd try':>22}")
@@ -164,9 +169,10 @@ def demo(cfg: SampleConfig) -> dict:
     with torch.no_grad():
         (row,), _ = two_try_eval(model, tok, task, [ex], cfg.max_attempt_tokens, cfg.max_reflection_tokens)
         if row["first"]:  # the protocol stops here; reflect anyway, to show the whole cycle
-            _, (s,), (y2,), (ok2,) = reflect_and_retry(model, tok, task, [{"example": ex, "attempt": row["attempt"]}],
-                                                      1, cfg.max_reflection_tokens, cfg.max_attempt_tokens, 0.0, 0.0)
-            row.update(reflection=s, retry=y2, second=bool(ok2))
+            (r,) = reflect_and_retry(model, tok, task, [{"example": ex, "attempt": row["attempt"]}], group_size=1,
+                                     max_reflection_tokens=cfg.max_reflection_tokens,
+                                     max_retry_tokens=cfg.max_attempt_tokens, temperature=0.0, retry_temperature=0.0)
+            row.update(reflection=r.reflection_text, retry=r.retry_text, second=bool(r.reward))
     verdict = {True: "correct", False: "wrong"}
     print(f"model: {resolve_model(cfg.model)}\ntask:  {cfg.task}\n")
     for turn in task.prompt(ex):

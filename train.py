@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from r3 import dist
 from r3.checkpoint import (check_resumable, full_state_dict, latest_checkpoint, load_checkpoint, load_hf, load_model,
-                           read_config, save_checkpoint, save_hf, step_seed)
+                           read_config, save_checkpoint, save_hf)
 from r3.cli import parse_flags
 from r3.cpu import setup_cpu
 from r3.errors import UserError
@@ -39,6 +39,7 @@ from r3.grpo import group_advantages, rollout_stats, update
 from r3.jsonl import append_jsonl, can_write, read_failures, read_jsonl, truncate_jsonl, write_jsonl_atomic
 from r3.plot import plot_metrics
 from r3.rollout import METHODS, collect_failures, grpo_rollout, rollout
+from r3.seeds import derive_seed
 from r3.tasks import task_from_flags
 
 
@@ -133,7 +134,8 @@ def next_failures(failures: list[dict], order, cursor: int, n: int, seed: int, s
     batch = []
     while len(batch) < n:
         if order is None or cursor >= len(order):
-            order, cursor = np.random.default_rng([seed, step, len(batch)]).permutation(len(failures)).tolist(), 0
+            rng = np.random.default_rng(derive_seed(seed, "order", step, len(batch)))
+            order, cursor = rng.permutation(len(failures)).tolist(), 0
         batch.append(failures[order[cursor]])
         cursor += 1
     return batch, order, cursor
@@ -152,7 +154,7 @@ def first_failures(policy, tok, task, cfg: TrainConfig, out: Path, given, rank: 
     if failures is None:
         dist.print0(f"building the failure set: {cfg.train_examples} queries x {cfg.attempts} attempts ...")
         t0 = time.time()
-        failures, first_try = build_failures(policy, tok, task, cfg, rank, world, cfg.seed)
+        failures, first_try = build_failures(policy, tok, task, cfg, rank, world, step=0)
         dist.print0(f"first-try success {first_try:.1%}; {len(failures)} failures ({time.time() - t0:.0f} s)")
         if rank == 0:
             write_jsonl_atomic(out / "failures.jsonl", failures)
@@ -162,21 +164,25 @@ def first_failures(policy, tok, task, cfg: TrainConfig, out: Path, given, rank: 
     return failures
 
 
-def build_failures(policy, tok, task, cfg: TrainConfig, rank: int, world: int, seed: int) -> tuple[list[dict], float]:
-    """Each rank samples first attempts for its slice of the queries (query i seeded by i); all get the union."""
+def build_failures(policy, tok, task, cfg: TrainConfig, rank: int, world: int, step: int) -> tuple[list[dict], float]:
+    """The failure set from the policy of `step` (0: the untrained one): each rank samples first attempts for
+    its slice of the queries (query i seeded by i in the stream "failures", step); all get the union."""
     examples = task.examples("train")[: cfg.train_examples]
     lo, hi = rank * len(examples) // world, (rank + 1) * len(examples) // world
     with dist.unsharded(policy), torch.no_grad():
         fails, ok = collect_failures(policy, tok, task, examples[lo:hi], attempts=cfg.attempts,
                                      max_per_example=cfg.failures_per_query, max_new_tokens=cfg.max_attempt_tokens,
-                                     temperature=cfg.temperature, top_p=cfg.top_p, seed=step_seed(seed, 0), first=lo)
+                                     temperature=cfg.temperature, top_p=cfg.top_p,
+                                     seed=derive_seed(cfg.seed, "failures", step), first=lo)
     total_ok = int(dist.all_reduce_sum(torch.tensor(float(ok)), "the failure build's successes"))
     return dist.gather_lists(fails), total_ok / max(1, len(examples) * cfg.attempts)
 
 
-def sample_groups(policy, tok, task, cfg: TrainConfig, mine: list[dict], seed: int, first: int):
-    """Steps 1-4 on this rank's groups (r3/rollout.py: R3 on failures or plain GRPO on queries), full weights
-    gathered once; group i is seeded by its index `first` + i in the global batch: any world size samples alike."""
+def sample_groups(policy, tok, task, cfg: TrainConfig, mine: list[dict], step: int, first: int):
+    """Steps 1-4 of training step `step` on this rank's groups (r3/rollout.py: R3 on failures or plain GRPO on
+    queries), full weights gathered once; group i is seeded by its index `first` + i in the step's global batch
+    (stream "rollout", step): any world size samples alike."""
+    seed = derive_seed(cfg.seed, "rollout", step)
     with dist.unsharded(policy), torch.no_grad():
         if cfg.method == "grpo":
             return grpo_rollout(policy, tok, task, [m["example"] for m in mine], group_size=cfg.group_size,
@@ -236,7 +242,7 @@ def main(cfg: TrainConfig) -> None:
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
 
-    # resume: model, optimizer, scheduler, data position, failure set (sampling needs no RNG state: step_seed)
+    # resume: model, optimizer, scheduler, data position, failure set (sampling needs no RNG state: r3/seeds.py)
     step, order, cursor = 0, None, 0
     if ckpt is not None:
         extra = load_checkpoint(ckpt, policy, opt, rank)
@@ -262,7 +268,7 @@ def main(cfg: TrainConfig) -> None:
             batch, order, cursor = next_failures(failures, order, cursor, cfg.failures_per_step, cfg.seed, step)
             mine = batch[rank * per_rank:(rank + 1) * per_rank]
             # 1-4. context, G reflections per failure, one retry after each, binary rewards (grpo: G first attempts)
-            ro = sample_groups(policy, tok, task, cfg, mine, step_seed(cfg.seed, step + 1), first=rank * per_rank)
+            ro = sample_groups(policy, tok, task, cfg, mine, step + 1, first=rank * per_rank)
             t_rollout = time.time() - t0
             # 5. group advantages (0 for zero-variance groups) and batch statistics over all ranks
             adv = group_advantages(ro.rewards, cfg.group_size, cfg.adv_scale)
@@ -276,9 +282,8 @@ def main(cfg: TrainConfig) -> None:
             if stats["zero_variance_frac"] >= 1.0:
                 row.update(skipped=True, loss=0.0)
             else:
-                to_dev = {k: v.to(device) for k, v in dict(ids=ro.ids, pos=ro.pos, mask=ro.mask, advantages=adv).items()}
-                row.update(update(policy, ref, to_dev, opt, micro_batch=cfg.micro_batch, ppo_epochs=cfg.ppo_epochs,
-                                  temperature=cfg.temperature, beta=cfg.beta, clip_eps=cfg.clip_eps,
+                row.update(update(policy, ref, ro.batch(adv, device), opt, micro_batch=cfg.micro_batch,
+                                  ppo_epochs=cfg.ppo_epochs, temperature=cfg.temperature, beta=cfg.beta, clip_eps=cfg.clip_eps,
                                   grad_clip=cfg.grad_clip, world=world, group_size=cfg.group_size,
                                   shared_prefix=cfg.shared_prefix))
                 sched.step()
@@ -287,7 +292,7 @@ def main(cfg: TrainConfig) -> None:
             # then: refresh the failure set from the current policy (our extension); evaluate (held-out, greedy,
             # first try and +reflection second try: the protocol and numbers of `sample.py eval`); log; checkpoint
             if cfg.refresh_failures_every and step % cfg.refresh_failures_every == 0 and step < cfg.steps:
-                new, rate = build_failures(policy, tok, task, cfg, rank, world, cfg.seed + step)
+                new, rate = build_failures(policy, tok, task, cfg, rank, world, step)
                 if new:
                     failures, order, cursor = new, None, 0
                 row.update(refreshed_failures=len(new), first_try=rate)
@@ -330,9 +335,9 @@ def cli(argv: list[str]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         dist.exit_now(2)
-    except BaseException as e:  # Ctrl-C / SIGTERM, a peer that stopped first, a rank that never came; else re-raised
+    except BaseException as e:  # Ctrl-C / SIGTERM (and what follows it), a rank that never came; else re-raised
         timeout = dist.timeout_error(e)
-        if timeout is None and not dist.interrupted(e):
+        if timeout is None and not (isinstance(e, KeyboardInterrupt) or dist.stopping()):
             raise
         out = Path(cfg.out_dir)
         rows = read_jsonl(out / "metrics.jsonl", allow_truncated_tail=True) if (out / "metrics.jsonl").exists() else []

@@ -6,10 +6,11 @@ random-initialised at their real shapes (SmolLM2-135M-Instruct's and Qwen2.5-1.5
 values are written below). Parts, in the order they run (the sampler last: its compiles are the slowest):
 
   a. kernel:  r3.kernels.logprobs.token_logprobs (Triton) against the naive path (full logits, log_softmax,
-              gather) and TRL's selective path (full logits, per-row logsumexp), forward + backward of
-              sum(masked log-probs), V = 151,936, H = 1,536, N = 16 x 1,024 rows, fp32 and bf16, 25% and
-              100% of rows masked in. Values and gradients vs the naive path (the torch reference, on the
-              same logits); peak memory above the inputs and their gradients, median time of 3 calls.
+              gather: the library's logprobs_reference) and TRL's selective path (full logits, per-row
+              logsumexp: trl_selective_log_softmax), forward + backward of sum(masked log-probs), V = 151,936,
+              H = 1,536, N = 16 x 1,024 rows, fp32 and bf16, 25% and 100% of rows masked in. Values and
+              gradients vs the naive path (the torch reference, on the same logits); peak memory above the
+              inputs and their gradients, median time of 3 calls.
               Goals: memory <= 0.1x naive, time <= 1x naive.
   b. model:   our Transformer vs transformers' model with the same weights: logits in bf16 (SDPA; also
               flash-attn where installed), the per-position max |difference| over the vocabulary; in
@@ -62,6 +63,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from r3.timing import timed  # noqa: E402
+
 # config.json values (shape-relevant keys) of the two models; no token ids: generation never stops early.
 SMOLLM2_135M = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=576,
                     intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -96,14 +99,6 @@ def sync(dev) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, dev):
-    sync(dev)
-    t = time.perf_counter()
-    out = fn()
-    sync(dev)
-    return time.perf_counter() - t, out
-
-
 def free(dev) -> None:
     gc.collect()
     if dev.type == "cuda":
@@ -130,22 +125,16 @@ def copy_bandwidth_gbs(dev, smoke: bool) -> float:
 
 
 # ------------------------------------------------------------------------------------------ a. kernel
-def selective_log_softmax(logits, index):
-    """TRL's selective_log_softmax (trl/trainer/utils.py), as in bench/logprobs.py (scripts share no code)."""
-    if logits.dtype in (torch.float32, torch.float64):
-        selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
-        return selected - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
-    rows = [torch.log_softmax(r, dim=-1).gather(-1, i.unsqueeze(-1)).squeeze(-1) for r, i in zip(logits, index)]
-    return torch.stack(rows)
-
-
 def lp_naive(hidden, weight, targets, mask):
-    logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)  # (B, T, V) fp32, kept for backward
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
+    from r3.kernels.logprobs import logprobs_reference
+    logits = (hidden @ weight.T).flatten(0, 1)  # (B * T, V); the reference keeps its fp32 log_softmax
+    return logprobs_reference(logits, targets.flatten(), mask.flatten()).view_as(targets)
 
 
 def lp_selective(hidden, weight, targets, mask):
-    return selective_log_softmax(hidden @ weight.T, targets) * mask  # (B, T)
+    from r3.kernels.logprobs import trl_selective_log_softmax
+
+    return trl_selective_log_softmax(hidden @ weight.T, targets) * mask  # (B, T)
 
 
 def lp_ours(hidden, weight, targets, mask):
@@ -382,18 +371,6 @@ def init_one_rank_group():
     return r3.dist.init()
 
 
-def shard_world1(model, mixed_bf16: bool):
-    """r3.dist.shard's body without its world-size check (shard() is a no-op at world size 1).
-    NOTE: reaches fully_shard through r3.dist, the one module that imports torch.distributed."""
-    import r3.dist
-    mp = r3.dist.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 \
-        else r3.dist.MixedPrecisionPolicy()
-    for block in model.model.layers:
-        r3.dist.fully_shard(block, mp_policy=mp)
-    r3.dist.fully_shard(model, mp_policy=mp)
-    return model
-
-
 def part_train(dev, smoke, save, peak_tflops, res: dict) -> None:
     import r3.grpo
     if not hasattr(r3.grpo, "update"):
@@ -410,15 +387,16 @@ def part_train(dev, smoke, save, peak_tflops, res: dict) -> None:
         policy = Transformer(mc)
         ref = Transformer(mc).requires_grad_(False)
     ref.load_state_dict(policy.state_dict())
-    policy, ref = shard_world1(policy, True), shard_world1(ref, True).eval()
+    # min_world=1: FSDP2 really shards in the 1-rank group (train.py leaves world size 1 unwrapped)
+    policy, ref = r3.dist.shard(policy, True, min_world=1), r3.dist.shard(ref, True, min_world=1).eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     rows, g = groups * G, torch.Generator().manual_seed(3)
     ids = torch.randint(0, mc.vocab_size, (rows, T), generator=g)
     mask = torch.zeros(rows, T, dtype=torch.bool)
     mask[:, T - R:] = True  # the reflection: the last R tokens of every row
-    adv = torch.randn(groups, G, generator=g)
+    rewards = torch.randn(rows, generator=g)  # group-major, as rollout returns them
     batch = dict(ids=ids.to(dev), pos=torch.arange(T).expand(rows, T).contiguous().to(dev), mask=mask.to(dev),
-                 advantages=((adv - adv.mean(1, keepdim=True)) / adv.std(1, keepdim=True)).flatten().to(dev))
+                 advantages=r3.grpo.group_advantages(rewards, G).to(dev))
     step = lambda: r3.grpo.update(policy, ref, batch, opt, world=world, **hp)  # noqa: E731
     first, stats = timed(step, dev)
     log(f"d. warm-up update {first:.2f} s: {stats}")

@@ -4,10 +4,12 @@ All variants start from the same hidden states (B, T, H) (requires_grad), LM-hea
 (requires_grad), targets (B, T) and mask (B, T) (`frac` of positions kept), and end with the gradients of
 sum(masked log-probs) w.r.t. hidden and weight:
 
-  (a) naive:     logits = hidden @ W^T (B, T, V) -> log_softmax(fp32) -> gather -> * mask
-  (b) selective: TRL's way (trl/trainer/utils.py selective_log_softmax, as GRPOTrainer calls it): full
-                 logits, `logits / temperature`, then for fp32 gather + a Python loop of logsumexp over
-                 the batch rows; for bf16 a loop of per-row log_softmax + gather. Then * mask.
+  (a) naive:     logits = hidden @ W^T (B, T, V) -> log_softmax(fp32) -> gather -> * mask (the library's
+                 torch reference, r3.kernels.logprobs.logprobs_reference, on the full logits)
+  (b) selective: TRL's way (trl/trainer/utils.py selective_log_softmax, as GRPOTrainer calls it; restated as
+                 r3.kernels.logprobs.trl_selective_log_softmax): full logits, `logits / temperature`, then for
+                 fp32 gather + a Python loop of logsumexp over the batch rows; for bf16 a loop of per-row log_softmax +
+                 gather. Then * mask.
   (c) ours:      r3.kernels.logprobs.token_logprobs (masked rows selected before the LM head, chunked
                  logits recomputed in backward: keep_bytes=0, its bounded-memory mode; `update` keeps
                  the masked rows' logits for backward up to 512 MiB instead, one LM-head matmul fewer);
@@ -33,37 +35,24 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from r3.kernels.logprobs import token_logprobs  # noqa: E402
-
-
-def selective_log_softmax(logits, index):
-    """TRL's selective_log_softmax (trl/trainer/utils.py), restated: log_softmax(logits)[index]."""
-    if logits.dtype in (torch.float32, torch.float64):
-        selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
-        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # loop to cut peak memory
-        return selected - lse
-    rows = []  # TRL: logsumexp is unstable in bf16, so a per-row log_softmax instead
-    for row_logits, row_index in zip(logits, index):
-        rows.append(F.log_softmax(row_logits, dim=-1).gather(-1, row_index.unsqueeze(-1)).squeeze(-1))
-    return torch.stack(rows)
+from r3.timing import timed  # noqa: E402
+from r3.kernels.logprobs import logprobs_reference, token_logprobs, trl_selective_log_softmax  # noqa: E402
 
 
 def naive(hidden, weight, targets, mask, temperature):
-    logits = hidden @ weight.T  # (B, T, V)
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, T, V) fp32, kept for backward
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
+    logits = (hidden @ weight.T).flatten(0, 1)  # (B * T, V)
+    # the library's torch reference: log_softmax(logits / T) in fp32 (B * T, V), kept for backward
+    return logprobs_reference(logits, targets.flatten(), mask.flatten(), temperature).view_as(targets)
 
 
 def selective(hidden, weight, targets, mask, temperature):
     logits = (hidden @ weight.T) / temperature  # (B, T, V): TRL divides by the temperature in place of T
-    return selective_log_softmax(logits, targets) * mask
+    return trl_selective_log_softmax(logits, targets) * mask
 
 
 def ours(backend):
@@ -106,9 +95,8 @@ def worker(args):
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(args.repeats):
-        t = time.perf_counter()
-        check = step(VARIANTS[args.worker], *inputs, args.temperature)
-        times.append(time.perf_counter() - t)
+        secs, check = timed(lambda: step(VARIANTS[args.worker], *inputs, args.temperature))
+        times.append(secs)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps(dict(peak_mib=(peak - base) / 1024, times_s=times, time_s=statistics.median(times),
                           rss_before_mib=base / 1024, maxrss_before_mib=maxrss_before / 1024, **check)))
@@ -138,11 +126,8 @@ def run_cuda(B, T, V, H, frac, dtype, repeats, temperature, names):
         torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(repeats):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            check = step(VARIANTS[name], *inputs, temperature)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
+            secs, check = timed(lambda: step(VARIANTS[name], *inputs, temperature), "cuda")
+            times.append(secs)
         results[name] = dict(peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20, times_s=times,
                              time_s=statistics.median(times), **check)
         print(f"V={V} {str(dtype):15s} {name:12s} peak {results[name]['peak_mib']:8.0f} MiB   "

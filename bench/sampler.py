@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 # Run as a script, bench/ would be sys.path[0], where a file named like a standard module (a signal.py
 # there once) shadows it for torch: search the repository root instead.
@@ -39,6 +38,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from r3.timing import timed  # noqa: E402
 from r3.chat import render_prompt  # noqa: E402
 from r3.checkpoint import load_hf, resolve_model  # noqa: E402
 from r3.sampler import generate  # noqa: E402
@@ -58,12 +58,6 @@ def rollout_prompts(tok, target: int = 250) -> list[list[int]]:
             k += 1
         prompts.append(render_prompt(tok, [{"role": "user", "content": text}]))
     return prompts
-
-
-def timed(fn) -> tuple[float, object]:
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
 
 
 def run_hf(hf, tok, prompts, n, new_tokens, temperature):

@@ -36,6 +36,7 @@ from r3.checkpoint import load_model  # noqa: E402
 from r3.cpu import setup_cpu  # noqa: E402
 from r3.grpo import rollout_stats  # noqa: E402
 from r3.rollout import collect_failures, reflect_and_retry, retry_after  # noqa: E402
+from r3.seeds import derive_seed  # noqa: E402
 from r3.tasks import task_from_flags  # noqa: E402
 
 GENERIC = "I made a mistake. I will be more careful next time."
@@ -47,8 +48,9 @@ def find_failures(model, tok, task, queries, n, temperature, a, chunk):
     attempts = 1 if temperature == 0 else a.attempts  # greedy attempts are all the same
     bar = tqdm(total=n, desc=f"failures T={temperature:g}", unit="failure")
     for c in range(0, len(queries), chunk):
-        f, k = collect_failures(model, tok, task, queries[c:c + chunk], attempts, 1, a.max_attempt_tokens,
-                                temperature, a.top_p, seed=a.seed + c)
+        f, k = collect_failures(model, tok, task, queries[c:c + chunk], attempts=attempts, max_per_example=1,
+                                max_new_tokens=a.max_attempt_tokens, temperature=temperature, top_p=a.top_p,
+                                seed=derive_seed(a.seed, "failures", 0), first=c)
         fails, ok, tried = fails + f, ok + k, tried + attempts * len(queries[c:c + chunk])
         bar.update(min(len(f), n - bar.n))
         if len(fails) >= n:
@@ -64,17 +66,25 @@ def group_stats(rewards: list[bool], G: int) -> dict:
             "groups_with_variance": 1 - s["zero_variance_frac"]}
 
 
+def greedy_retries(model, tok, task, fails, reflections, a) -> list[bool]:
+    """The evaluation's greedy retry after each failure's reflection text: its verdict."""
+    ys = retry_after(model, tok, task, fails, reflections, max_new_tokens=a.max_attempt_tokens)
+    return [bool(task.verify(f["example"], y)) for f, y in zip(fails, ys)]
+
+
 def signal(model, tok, task, fails, a) -> dict:
     """(a): G sampled reflections per failure, then a sampled retry (train.py's) and a greedy one (eval's)."""
     G, sampled, greedy, lens = a.group_size, [], [], []
     for c in tqdm(range(0, len(fails), a.chunk), desc="reflect + retry", unit="chunk"):
         part = fails[c:c + a.chunk]
-        rows = reflect_and_retry(model, tok, task, part, G, a.max_reflection_tokens, a.max_attempt_tokens,
-                                 a.temperature, a.temperature, a.top_p, seed=a.seed + 1, first=c)
-        sampled += [bool(r["reward"]) for r in rows]
-        lens += [len(r["reflection"]) for r in rows]
-        greedy += retry_after(model, tok, task, [f for f in part for _ in range(G)],
-                              [r["reflection_text"] for r in rows], a.max_attempt_tokens)
+        rows = reflect_and_retry(model, tok, task, part, group_size=G, max_reflection_tokens=a.max_reflection_tokens,
+                                 max_retry_tokens=a.max_attempt_tokens, temperature=a.temperature,
+                                 retry_temperature=a.temperature, top_p=a.top_p,
+                                 seed=derive_seed(a.seed, "rollout", 1), first=c)
+        sampled += [bool(r.reward) for r in rows]
+        lens += [len(r.reflection) for r in rows]
+        greedy += greedy_retries(model, tok, task, [part[r.failure] for r in rows], [r.reflection_text for r in rows],
+                                 a)
     return {"sampled_retry": group_stats(sampled, G), "greedy_retry": group_stats(greedy, G),
             "reflection_tokens": sum(lens) / max(1, len(lens))}
 
@@ -86,8 +96,7 @@ def follows(model, tok, task, fails, a) -> dict:
         write = (lambda ex: GENERIC) if kind == "generic" else getattr(task, kind, lambda ex: None)
         written = [write(f["example"]) for f in fails]
         have = [(f, r) for f, r in zip(fails, written) if r]
-        ok = retry_after(model, tok, task, [f for f, _ in have], [r for _, r in have],
-                         a.max_attempt_tokens) if have else []
+        ok = greedy_retries(model, tok, task, [f for f, _ in have], [r for _, r in have], a) if have else []
         out[kind] = {"n": len(have), "retry_success": sum(ok) / len(ok) if ok else None}
     return out
 

@@ -22,12 +22,14 @@ beta, clip, micro-batch and gradient clipping. Gradient checkpointing is off on 
 Each side runs in its own process, one after the other (r3, r3_per_row, TRL; TRL's with --trl_python, so
 it may live in its own venv; see bench/setup_trl.sh), one warm-up step and then --steps timed steps. Per
 optimizer step it reports wall seconds, split into generation (time inside the generate calls: reflections
-and retries, each side's own sampler) and the rest ("update": reference log-probs, TRL's tokenising/padding,
-forward/backward, optimizer; r3's rendering of the rollout too); and the process's peak RSS (model,
+and retries, each side's own sampler; r3 reports its own in `Rollout.sampling`, TRL's calls are timed
+here) and the rest ("update": reference log-probs, TRL's tokenising/padding, forward/backward, optimizer;
+r3's rendering of the rollout too); and the process's peak RSS (model,
 reference model, optimizer state and everything else the process ever held). Memory of the update itself:
-`update_peak_rss_mib`, the peak RSS of the step outside its generate calls (Linux's high-water mark VmHWM,
-reset through /proc/self/clear_refs when a generate call ends, read when the next starts and at the step's
-end; the maximum over the timed steps), and `update_rss_growth_mib`, that minus the RSS at the step's start.
+`update_peak_rss_mib`, the peak RSS of the step outside its generation (Linux's high-water mark VmHWM,
+reset through /proc/self/clear_refs when generation ends, read when it next starts and at the step's end;
+the maximum over the timed steps; r3's generation is its `rollout` call, TRL's each generate call), and
+`update_rss_growth_mib`, that minus the RSS at the step's start.
 Without --failures, the failures are built first by a separate process with r3's code (first attempts of
 the default model).
 
@@ -183,10 +185,11 @@ def run_r3(spec: dict, shared_prefix: bool = True) -> dict:
     """The r3 side; `shared_prefix` is update's switch (False: the "r3_per_row" side)."""
     import torch
 
-    import r3.rollout
-    from r3.checkpoint import load_hf, step_seed
+    from r3.checkpoint import load_hf
     from r3.cpu import keep_freed_memory
     from r3.grpo import group_advantages, update
+    from r3.rollout import rollout
+    from r3.seeds import derive_seed
 
     keep_freed_memory()  # as train.py does at start (r3/cpu.py); TRL's side keeps glibc's defaults
     model_dir, tok, task, failures = load_side(spec)
@@ -197,34 +200,23 @@ def run_r3(spec: dict, shared_prefix: bool = True) -> dict:
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     side, rss = "r3" if shared_prefix else "r3_per_row", Rss()
-    gen = []  # (kind, seconds, new tokens) of each generate call: rollout calls it for reflections, then retries
-    sampler_generate = r3.rollout.generate
-
-    def timed_generate(*args, **kwargs):
-        rss.generate_begin()
-        t = time.perf_counter()
-        out = sampler_generate(*args, **kwargs)
-        kind = "reflection" if len(gen) % 2 == 0 else "retry"
-        gen.append((kind, time.perf_counter() - t, sum(len(s.ids) for s in out)))
-        rss.generate_end()
-        return out
-
-    r3.rollout.generate = timed_generate
     steps, F = [], cfg.failures_per_step
     for step in range(spec["steps"] + 1):
-        gen.clear()
         rss.step_begin()
         t0 = time.perf_counter()
+        rss.generate_begin()
         with torch.no_grad():
-            ro = r3.rollout.rollout(policy, tok, task, failures[step * F:(step + 1) * F], cfg.group_size,
-                                    cfg.max_reflection_tokens, cfg.max_attempt_tokens, cfg.temperature,
-                                    cfg.retry_temperature, cfg.top_p, step_seed(cfg.seed, step + 1))
+            ro = rollout(policy, tok, task, failures[step * F:(step + 1) * F], group_size=cfg.group_size,
+                         max_reflection_tokens=cfg.max_reflection_tokens, max_retry_tokens=cfg.max_attempt_tokens,
+                         temperature=cfg.temperature, retry_temperature=cfg.retry_temperature, top_p=cfg.top_p,
+                         seed=derive_seed(cfg.seed, "rollout", step + 1))
+        rss.generate_end()
         t_rollout = time.perf_counter() - t0
         adv = group_advantages(ro.rewards, cfg.group_size, cfg.adv_scale)
-        stats = update(policy, ref, {"ids": ro.ids, "pos": ro.pos, "mask": ro.mask, "advantages": adv}, opt,
-                       micro_batch=cfg.micro_batch, ppo_epochs=cfg.ppo_epochs, temperature=cfg.temperature,
-                       beta=cfg.beta, clip_eps=cfg.clip_eps, grad_clip=cfg.grad_clip, group_size=cfg.group_size,
-                       shared_prefix=shared_prefix)
+        stats = update(policy, ref, ro.batch(adv), opt, micro_batch=cfg.micro_batch, ppo_epochs=cfg.ppo_epochs,
+                       temperature=cfg.temperature, beta=cfg.beta, clip_eps=cfg.clip_eps, grad_clip=cfg.grad_clip,
+                       group_size=cfg.group_size, shared_prefix=shared_prefix)
+        gen = [(kind, ro.sampling[f"{kind}_s"], ro.sampling[f"{kind}_tokens"]) for kind in ("reflection", "retry")]
         rec = step_record(time.perf_counter() - t0, gen, ro.rewards.tolist())
         rec.update(rss.step_end(), rollout_s=t_rollout, loss=stats["loss"], grad_norm=stats["grad_norm"])
         steps.append(rec)
@@ -354,13 +346,15 @@ def build_failures(spec: dict) -> dict:
 
     from r3.checkpoint import load_hf
     from r3.rollout import collect_failures
+    from r3.seeds import derive_seed
 
     model_dir, tok, task, _ = load_side(spec, with_failures=False)
     model = load_hf(model_dir, "cpu", torch.float32)
     need = (spec["steps"] + 1) * spec["failures_per_step"]
     with torch.no_grad():
-        fails, ok = collect_failures(model, tok, task, task.examples("train")[: need + 8], 4, 1,
-                                     spec["max_attempt_tokens"], spec["temperature"], spec["top_p"], spec["seed"])
+        fails, ok = collect_failures(model, tok, task, task.examples("train")[: need + 8], attempts=4,
+                                     max_per_example=1, max_new_tokens=spec["max_attempt_tokens"], temperature=spec["temperature"],
+                                     top_p=spec["top_p"], seed=derive_seed(spec["seed"], "failures", 0))
     write_jsonl_atomic(spec["failures_path"], fails)
     return {"failures": len(fails), "successes": ok}
 

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,21 +40,21 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from r3.kernels.logprobs import token_logprobs  # noqa: E402
-from r3.checkpoint import load_hf, load_model, step_seed  # noqa: E402
+from r3.checkpoint import load_hf, load_model  # noqa: E402
 from r3.cpu import setup_cpu  # noqa: E402
-from r3.grpo import group_advantages, sequence_logprobs, shared_prefix_logprobs, update  # noqa: E402
+from r3.grpo import group_advantages, micro_batches, shared_prefix_pack, update  # noqa: E402
 from r3.rollout import collect_failures, rollout  # noqa: E402
+from r3.seeds import derive_seed  # noqa: E402
 from r3.tasks import task_from_flags  # noqa: E402
+from r3.timing import timed  # noqa: E402
 
 GROUPS, G, MICRO = 4, 8, 8  # train.py's defaults: failures_per_step, group_size, micro_batch
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t) / repeats
+def mean_seconds(fn, repeats: int) -> float:
+    """One warm-up call, then the mean of `repeats` timed calls."""
+    fn()
+    return sum(timed(fn)[0] for _ in range(repeats)) / repeats
 
 
 def attention_flops(q, k, is_causal: bool, masked: bool, backward: bool) -> int:
@@ -106,25 +105,22 @@ def batch(context: int, reflection: int, vocab: int) -> dict:
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, context:] = True
     return {"ids": ids, "pos": torch.arange(ids.shape[1]).expand_as(ids).contiguous(), "mask": mask,
-            "advantages": torch.randn(ids.shape[0], generator=g)}
+            "context_lens": torch.full((ids.shape[0],), context), "advantages": torch.randn(ids.shape[0], generator=g)}
 
 
 def row_tokens(b: dict) -> int:
-    """Tokens the per-row path runs: each micro-batch of rows cut at its last masked token (r3.grpo.update)."""
-    col = torch.arange(b["mask"].shape[1])
-    last = torch.where(b["mask"].bool(), col, -1).max(dim=1).values  # (N,)
-    return sum(MICRO * (int(last[s:s + MICRO].max()) + 1) for s in range(0, len(last), MICRO))
+    """Tokens the per-row path runs: its micro-batches as r3.grpo.update cuts them."""
+    return sum(mb.ids.numel() for mb in micro_batches(b, MICRO, G, shared_prefix=False))
 
 
 def packed_tokens(b: dict) -> int:
-    """Tokens the shared path runs (one group per micro-batch here): each group's context once, then G
-    suffixes from the context's last token to the row's last masked token, padded to the longest."""
-    m = b["mask"].bool().clone()
-    m[:, 0] = False
-    col = torch.arange(m.shape[1])
-    first = torch.where(m, col, m.shape[1]).min(dim=1).values.view(-1, G).min(dim=1).values  # (groups,)
-    last = torch.where(m, col, -1).max(dim=1).values.view(-1, G)  # (groups, G)
-    return sum(int(f) - 1 + G * int((lr + 2 - f).max()) for f, lr in zip(first, last))
+    """Tokens the shared path runs: r3.grpo's pack of each micro-batch (contexts once, then the suffixes),
+    or the micro-batch's rows where the pack would be larger (the function then runs per row)."""
+    total = 0
+    for mb in micro_batches(b, MICRO, G, shared_prefix=True):
+        pack = shared_prefix_pack(mb.ids, mb.pos, mb.mask, mb.context_lens, mb.group_size)
+        total += pack.tokens() if pack is not None else mb.ids.numel()
+    return total
 
 
 def real_batch(policy, tok) -> dict:
@@ -133,9 +129,11 @@ def real_batch(policy, tok) -> dict:
     x G reflections and retries. Not necessarily train.py's own first batch: the same kind of batch."""
     task = task_from_flags("countdown_easy", "", "")
     with torch.no_grad():
-        fails, _ = collect_failures(policy, tok, task, task.examples("train")[:20], 4, 1, 32, 0.9, 1.0, 1234)
-        ro = rollout(policy, tok, task, fails[:GROUPS], G, 64, 32, 0.9, 0.9, 1.0, step_seed(1234, 1))
-    return {"ids": ro.ids, "pos": ro.pos, "mask": ro.mask, "advantages": group_advantages(ro.rewards.float(), G)}
+        fails, _ = collect_failures(policy, tok, task, task.examples("train")[:20], attempts=4, max_per_example=1,
+                                    max_new_tokens=32, temperature=0.9, seed=derive_seed(1234, "failures", 0))
+        ro = rollout(policy, tok, task, fails[:GROUPS], group_size=G, max_reflection_tokens=64, max_retry_tokens=32,
+                     temperature=0.9, retry_temperature=0.9, seed=derive_seed(1234, "rollout", 1))
+    return ro.batch(group_advantages(ro.rewards, G))
 
 
 def main() -> None:
@@ -152,7 +150,6 @@ def main() -> None:
     ref = load_hf(model_dir, "cpu", torch.float32).requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     b = real_batch(policy, tok) if args.real else batch(args.context, args.reflection, 40_000)
-    micro = [tuple(b[k][s:s + MICRO] for k in ("ids", "pos", "mask")) for s in range(0, GROUPS * G, MICRO)]
     H = policy.config.hidden_size
     hidden = torch.randn(int(b["mask"].sum()), H, requires_grad=True)  # the masked rows' hidden states
     targets = torch.randint(0, policy.config.vocab_size, (1, hidden.shape[0]))
@@ -163,17 +160,16 @@ def main() -> None:
 
     out = {}
     for shared in (True, False):
-        def lp(model, i, p, m):
-            return shared_prefix_logprobs(model, i, p, m, G, 0.9) if shared else sequence_logprobs(model, i, p, m, 0.9)
+        micro = micro_batches(b, MICRO, G, shared_prefix=shared)  # as r3.grpo.update splits the batch
 
         def reference():
             with torch.no_grad():
                 for mb in micro:
-                    lp(ref, *mb)
+                    mb.logprobs(ref, 0.9)
 
         def policy_fb():
             for mb in micro:
-                (lp(policy, *mb).sum() * 1e-9).backward()
+                (mb.logprobs(policy, 0.9).sum() * 1e-9).backward()
 
         def optimizer():
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -185,12 +181,13 @@ def main() -> None:
 
         row = {}
         if not args.flops_only:
-            row = {"reference_s": timed(reference, args.repeats), "policy_s": timed(policy_fb, args.repeats)}
-            row["optimizer_s"] = timed(optimizer, args.repeats)  # gradients from policy_fb are in place
+            row = {"reference_s": mean_seconds(reference, args.repeats),
+                   "policy_s": mean_seconds(policy_fb, args.repeats)}
+            row["optimizer_s"] = mean_seconds(optimizer, args.repeats)  # gradients from policy_fb are in place
             opt.zero_grad(set_to_none=True)
-            row["lm_head_s"] = timed(lm_head, args.repeats) if shared else out["shared"]["lm_head_s"]
+            row["lm_head_s"] = mean_seconds(lm_head, args.repeats) if shared else out["shared"]["lm_head_s"]
             opt.zero_grad(set_to_none=True)
-            row["update_s"] = timed(full_update, args.repeats)
+            row["update_s"] = mean_seconds(full_update, args.repeats)
         row["update_gflop"] = counted_flops(full_update)
         out["shared" if shared else "per_row"] = {k: round(v, 2) for k, v in row.items()}
         print(json.dumps({"path": "shared" if shared else "per_row", **out["shared" if shared else "per_row"]}),

@@ -12,8 +12,8 @@
 
 - Training checkpoints (torch.distributed.checkpoint, each rank saving its shards): `save_checkpoint`
   (atomic: step_N.tmp, renamed, `done` written last), `load_checkpoint`, `latest_checkpoint` (the newest
-  complete one), `check_resumable` (the settings that must not change), and `step_seed`, which makes
-  sampling a pure function of (seed, step), so a resumed run needs no saved RNG state.
+  complete one) and `check_resumable` (the settings that must not change). A checkpoint holds no RNG
+  state: sampling is a pure function of (seed, step) (r3/seeds.py).
 
 Every user-facing failure raises `CheckpointError` (an r3.errors.UserError) with one message naming
 the file and the fix. It does not: quantised weights (the GGUF is dequantised to fp32 during
@@ -215,13 +215,6 @@ def _convert_default(final: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- training checkpoints (DCP)
-
-def step_seed(seed: int, step: int) -> int:
-    """Sampling seed of one step (step 0: the failure set), the same on every rank; each failure or query
-    then gets derive_seed(step_seed, its index in the step's global batch) (r3/sampler.py). Resume
-    reproduces the same samples without saved RNG state, and any world size draws the same ones."""
-    return (seed * 1_000_003 + step * 1_009) % 2**31
-
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
     done = sorted(p for p in (Path(out_dir) / "checkpoints").glob("step_*") if p.is_dir()

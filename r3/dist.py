@@ -1,11 +1,11 @@
 """Everything torch.distributed: init and clean shutdown, stop signals, FSDP2 sharding, gathering full
-weights for sampling, reductions.
+weights for sampling, reductions, naming a collective that timed out.
 
-The only module besides r3/checkpoint.py (which saves and loads with torch.distributed.checkpoint) that
-imports torch.distributed. Every function also works without torchrun (world size 1, no process group):
-sharding is then skipped and reductions are identities. Ranks: RANK (global, 0..world-1) decides who
-writes files and prints; LOCAL_RANK (this machine's 0..nproc_per_node-1) only picks the GPU. With
-`--nnodes=2 --nproc_per_node=1` both ranks have LOCAL_RANK 0.
+torch.distributed is imported here and, for DCP's save and load, in r3/checkpoint.py; the scripts
+(train.py, sample.py, bench/) reach it only through this module. Every function also works without
+torchrun (world size 1, no process group): sharding is then skipped and reductions are identities.
+Ranks: RANK (global, 0..world-1) decides who writes files and prints; LOCAL_RANK (this machine's
+0..nproc_per_node-1) only picks the GPU. With `--nnodes=2 --nproc_per_node=1` both ranks have LOCAL_RANK 0.
 
 The rule that keeps a run from hanging: every rank issues the same sequence of collectives whatever its
 data. No collective sits in a branch that depends on a rank's examples, samples or rewards; a branch
@@ -29,6 +29,11 @@ A collective that waits longer than the process-group timeout for a rank that ne
 died) raises `CollectiveTimeout` naming the operation and the waiting rank; train.py prints it as one line.
 NOTE: that is gloo's behaviour (CPU); NCCL's watchdog aborts the process at the timeout instead of raising.
 
+Stopping: torchrun forwards a Ctrl-C or a SIGTERM to every worker once. `install_stop_handlers` makes
+the first one a KeyboardInterrupt on each rank; the script catches it, says so in one line and leaves
+through `exit_now`, with no teardown collectives with ranks that may be gone. A collective that fails
+because a peer exited is an error, not an interrupt.
+
 It does not: checkpoint (r3/checkpoint.py), pick devices for you beyond "cuda:<local_rank> if CUDA else
 cpu", or recover a broken process group (a stopped run resumes from its newest checkpoint instead).
 """
@@ -38,7 +43,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 import time
 from datetime import timedelta
 
@@ -47,8 +51,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
-_started = threading.Event()  # set once init() has started a process group in this process (see exit_now)
-_timeout_s = [0]  # the process group's collective timeout, for CollectiveTimeout's message
+_group = {"started": False, "timeout_s": 0.0}  # set by init(): a process group was started here (exit_now), its timeout
 
 
 class CollectiveTimeout(RuntimeError):
@@ -61,8 +64,7 @@ def init(timeout_s: float = 600) -> tuple[int, int, torch.device]:
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-        _timeout_s[0] = timeout_s
-        _started.set()
+        _group.update(started=True, timeout_s=timeout_s)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -121,107 +123,45 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-# ----------------------------------------------------------------------------- stopping: signals
+# ----------------------------------------------------------------------------- stopping
 
-# Errors that follow a stop rather than cause one, counted as the interrupt when this rank got a stop signal:
-# gloo's RuntimeError when a peer exits, and torch.save's when the interrupt cut a checkpoint file mid-write
-# (its writer then fails in __exit__; DCP wraps that; the half-written checkpoint is a .tmp that resume ignores).
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "inline_container.cc")
-_stop: dict = {"signal": None, "handled": threading.Event()}  # set by install_stop_handlers and the handler
+_stop = {"signal": None}  # the stop signal this process got, if any (install_stop_handlers resets it)
 
 
 def _on_stop_signal(signum, frame) -> None:
-    stop = _stop
-    if stop["handled"].is_set():
-        return  # the run is already ending: a later signal must not cut short the code that ends it
-    if stop["signal"] is None:
-        stop["signal"] = signum
-        threading.Thread(target=_interrupt_until_handled, args=(stop["handled"],), daemon=True).start()
-    raise KeyboardInterrupt(signal.Signals(stop["signal"]).name)
-
-
-def _interrupt_until_handled(handled: threading.Event) -> None:
-    # A KeyboardInterrupt raised while the main thread runs a __del__ or a garbage-collector callback
-    # is swallowed by Python (and goes to sys.unraisablehook), so the run would go on: raise it again
-    # every 2 s until `interrupted` says the run is ending. A real signal to the main thread, because
-    # _thread.interrupt_main would not wake it from a blocking call (a sleep, a collective).
-    while not handled.wait(2.0):
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-
-def _quiet_unraisable(hook):
-    def quiet(u):  # see _interrupt_until_handled: the stop is raised again, no need for a traceback here
-        if not (_stop["signal"] is not None and isinstance(u.exc_value, KeyboardInterrupt)):
-            hook(u)
-    return quiet
+    # a later signal must not cut short the ending: test_a_stop_signal_raises_once_and_later_signals_are_ignored
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+    # for `stopping`, needed by test_signal_mid_run_stops_all_ranks_and_the_same_command_resumes
+    _stop["signal"] = signal.Signals(signum).name
+    raise KeyboardInterrupt(_stop["signal"])
 
 
 def install_stop_handlers() -> None:
-    """Make SIGTERM, like Ctrl-C's SIGINT, raise KeyboardInterrupt in the main thread until the run
-    says it is ending (`interrupted`); signals after that are ignored.
+    """Make SIGTERM, like Ctrl-C's SIGINT, raise KeyboardInterrupt in the main thread, once; later
+    signals are ignored. Call from the main thread (Python's rule).
 
     torchrun starts each worker in a session of its own, so Ctrl-C (SIGINT to the terminal's process
     group) or a SIGTERM reaches only the launcher, which forwards it to every worker once and SIGKILLs
-    those still alive 30 s later. A KeyboardInterrupt that lands in a __del__ or a garbage-collector
-    callback is swallowed by Python, so until `interrupted` acknowledges the stop it is raised again
-    every 2 s (and the swallowed one prints nothing). Once acknowledged, later signals (a second Ctrl-C,
-    a `kill` of one worker and then torchrun's copy) are ignored, so the `except` that prints the
-    one-line message and exits is not itself cut short. Call from the main thread (Python's rule).
+    those still alive 30 s later. The script catches the KeyboardInterrupt, prints one line and leaves
+    through `exit_now`, with no teardown collectives with ranks that may already be gone.
 
-    NOTE: Python runs handlers between bytecodes of the main thread, so a rank blocked in a gloo
-    collective raises only when the collective returns, or fails because a peer rank already exited
-    (a DistError, "Connection closed by peer"): `interrupted` counts that failure as the stop too.
+    NOTE: Python runs the handler between bytecodes of the main thread. A KeyboardInterrupt that lands
+    in a __del__ or a garbage-collector callback is swallowed by Python, and then the run goes on until
+    torchrun's SIGKILL. A rank whose peer exits before its own signal arrives sees a collective fail
+    (gloo: "Connection closed by peer"): an error, not an interrupt.
     """
-    global _stop
-    _stop["handled"].set()  # ends the re-raising thread of an earlier install, if any
-    _stop = {"signal": None, "handled": threading.Event()}
-    if not getattr(sys.unraisablehook, "_r3_quiet", False):
-        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
-        sys.unraisablehook._r3_quiet = True
+    _stop["signal"] = None
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, _on_stop_signal)
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    """exc, the exceptions chained to it, and those it carries from each rank: DCP's save and load
-    turn any rank's exception, a KeyboardInterrupt too, into one CheckpointException on every rank."""
-    out, todo = [], [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or any(e is o for o in out):
-            continue
-        out.append(e)
-        todo += [e.__cause__, e.__context__]
-        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
-    return out
-
-
-def interrupted(exc: BaseException, grace_s: float = 5.0) -> bool:
-    """Whether `exc` ends the run because it was asked to stop: a KeyboardInterrupt (also one carried
-    by DCP's CheckpointException from any rank), or a collective that failed because a peer exited
-    (torch's DistError, or gloo's RuntimeError "Connection closed by peer") on a rank that got a stop
-    signal too.
-
-    A rank waiting in a collective usually sees the peer's exit a moment before its own copy of
-    torchrun's signal arrives, so a collective error waits up to `grace_s` seconds for that signal.
-    An error with no signal (a peer crashed or was killed alone) is not an interrupt: the caller
-    should re-raise it.
-    """
-    stop, causes = _stop, _causes(exc)
-    if any(isinstance(e, KeyboardInterrupt) for e in causes):
-        stop["handled"].set()
-        return True
-    if not any(isinstance(e, dist.DistError) or any(m in str(e) for m in _PEER_GONE) for e in causes):
-        return False
-    deadline = time.monotonic() + grace_s
-    try:
-        while stop["signal"] is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-    except KeyboardInterrupt:  # the signal arrived while we slept
-        pass
-    if stop["signal"] is not None:
-        stop["handled"].set()
-    return stop["signal"] is not None
+def stopping() -> bool:
+    """Whether this process got a stop signal. Then any exception that ends the run is the stop's: the
+    KeyboardInterrupt may reach the caller only wrapped or replaced. DCP's save turns it, on any rank, into
+    one CheckpointException on every rank; a torch.save it cut fails in its own __exit__ ("inline_container");
+    a rank whose KeyboardInterrupt DCP caught then finds its peer gone ("Connection reset by peer")."""
+    return _stop["signal"] is not None
 
 
 def exit_now(code: int) -> None:
@@ -242,7 +182,7 @@ def exit_now(code: int) -> None:
     (bench/RESULTS.md). With os._exit no Python teardown runs, so no thread can be ended inside C++. Files
     written with `with open(...)` and DCP's files are closed by then, so nothing on disk is lost.
     """
-    if not (dist.is_initialized() or _started.is_set()):
+    if not (dist.is_initialized() or _group["started"]):
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -256,7 +196,7 @@ def _is_timeout(exc: BaseException) -> bool:
 
 def _timeout(op: str) -> CollectiveTimeout:
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return CollectiveTimeout(f"rank {rank} waited {_timeout_s[0]:g} s in {op} for a rank that never joined "
+    return CollectiveTimeout(f"rank {rank} waited {_group['timeout_s']:g} s in {op} for a rank that never joined "
                              "(it hung or died)")
 
 
@@ -271,6 +211,20 @@ def collective(op: str):
         raise _timeout(op) from e
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """exc, the exceptions chained to it, and those it carries from each rank: DCP's save and load turn
+    any rank's exception into one CheckpointException on every rank."""
+    out, todo = [], [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is o for o in out):
+            continue
+        out.append(e)
+        todo += [e.__cause__, e.__context__]
+        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    return out
+
+
 def timeout_error(exc: BaseException) -> CollectiveTimeout | None:
     """The CollectiveTimeout behind `exc`, if a collective timed out (FSDP's own collectives, in the update
     and the checkpoint, are not named: they are "a collective of FSDP or the checkpoint")."""
@@ -281,11 +235,13 @@ def timeout_error(exc: BaseException) -> CollectiveTimeout | None:
     return _timeout("a collective of FSDP or the checkpoint") if any(_is_timeout(e) for e in causes) else None
 
 
-def shard(model: torch.nn.Module, mixed_bf16: bool) -> torch.nn.Module:
+def shard(model: torch.nn.Module, mixed_bf16: bool, min_world: int = 2) -> torch.nn.Module:
     """FSDP2 as in torchtitan's apply_fsdp: `fully_shard` each decoder block, then the root (which owns
     the embeddings, final norm and the possibly tied lm_head). With `mixed_bf16` parameters are cast to
-    bf16 for compute and gradients reduced in fp32. No-op at world size 1."""
-    if not is_distributed():
+    bf16 for compute and gradients reduced in fp32. No-op without a process group or with fewer than
+    `min_world` ranks (so at world size 1 by default; min_world=1 shards in a 1-rank group, which
+    bench/gpu.py uses to time FSDP2 itself on one GPU)."""
+    if not dist.is_initialized() or dist.get_world_size() < min_world:
         return model
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else MixedPrecisionPolicy()
     for block in model.model.layers:

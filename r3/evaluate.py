@@ -2,7 +2,7 @@
 
 `two_try_eval` runs r3.rollout.two_tries over examples in fixed chunks (a first try; on failure one
 reflection and one retry), so the same model, examples and budgets give the same rows whichever script
-asks; under torchrun each rank takes every world-th example and the counts are summed over ranks.
+asks; under torchrun each rank takes a contiguous slice of the examples and the counts are summed over ranks.
 `wilson` is the 95% interval of a count.
 
 It does not: print or write results (sample.py), or choose the examples (the callers take a split's first N).
@@ -13,7 +13,7 @@ import math
 
 import torch
 
-EVAL_CHUNK = 16  # examples per two_tries call; part of the protocol (a chunk's seed is seed + its first index)
+EVAL_CHUNK = 16  # examples per two_tries call (a sampled evaluation's example i draws from seed's item i)
 
 
 def two_try_eval(model, tok, task, examples: list[dict], max_attempt_tokens: int, max_reflection_tokens: int,
@@ -26,11 +26,13 @@ def two_try_eval(model, tok, task, examples: list[dict], max_attempt_tokens: int
     from r3 import dist
     from r3.rollout import two_tries
 
-    mine, rows = examples[rank::world], []
+    lo, hi = rank * len(examples) // world, (rank + 1) * len(examples) // world
+    mine, rows = examples[lo:hi], []
     with dist.unsharded(model), torch.no_grad():
         for c in tqdm(range(0, len(mine), EVAL_CHUNK), desc="eval", unit="chunk", disable=not progress):
-            rows += two_tries(model, tok, task, mine[c:c + EVAL_CHUNK], max_attempt_tokens, max_reflection_tokens,
-                              temperature, top_p, seed + c)
+            rows += two_tries(model, tok, task, mine[c:c + EVAL_CHUNK], max_new_tokens=max_attempt_tokens,
+                              max_reflection_tokens=max_reflection_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed, first=lo + c)
     counts = dist.all_reduce_sum(torch.tensor([len(rows), sum(r["first"] for r in rows),
                                                sum(r["second"] for r in rows)]), "the evaluation's counts")
     return rows, dict(zip(("n", "first", "second"), counts.tolist()))

@@ -11,14 +11,15 @@ The reflection mask is the only thing that decides which tokens learn (rollout.p
 Log-probs come from `r3.kernels.logprobs.token_logprobs`: the model returns hidden states, only the masked
 positions go through the LM head (in row chunks), so no [B, T, V] tensor is ever built.
 
-`update` is one optimizer step of this loss over micro-batches (gradient accumulation, the global token
-count reduced over ranks, clip, step): what train.py, bench/trl_step.py and the distributed test share.
+`update` minimises this loss over micro-batches (gradient accumulation, the global token count reduced
+over ranks, clip, one optimizer step per PPO epoch): what train.py, the benches and the distributed test share.
 
 It does not: sample (rollout.py), schedule the learning rate or decide when to skip a step (train.py).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -52,60 +53,82 @@ def sequence_logprobs(model, ids: torch.Tensor, pos: torch.Tensor, mask: torch.T
     return out
 
 
-def shared_prefix_logprobs(model, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, group_size: int,
-                           temperature: float = 1.0) -> torch.Tensor:
-    """`sequence_logprobs` with each group's context encoded once: the same (B, T) float32 result (0 where
-    mask is 0) and the same gradients, from about a third of the tokens on R3's batches.
+@dataclass
+class SharedPack:
+    """A batch split for the shared-prefix forward: each group's context once, each row's suffix after it."""
+    prefix: SharedPrefix  # ids, pos (Gn, Tc) and lengths (Gn,) of the contexts, G rows per group
+    ids: torch.Tensor  # (B, Ts) each row's suffix: from its context's last token to its last masked token
+    pos: torch.Tensor  # (B, Ts)
+    mask: torch.Tensor  # (B, Ts) the masked tokens of the suffix
+    cols: torch.Tensor  # (B, Ts) the column of the row each suffix token came from
 
-    ids, pos, mask: (B, T), rows group-major (group g = rows g*G .. g*G+G-1), right padded. The split is
-    read from (ids, mask, G) alone: s_g = the group's first masked position (over positions >= 1; a group
-    with no masked token has s_g = 1); the context is ids[g*G, :s_g-1] and every row must hold exactly
-    those tokens and positions there (ValueError otherwise). Row r's suffix is ids[r, s_g-1 : e_r] with
-    e_r its last masked position + 1: it starts with the context's last token, whose hidden state
-    predicts the first masked token, so the usual shift by one works inside the suffix. Tokens after
-    e_r cannot change a masked log-prob (attention is causal) and are not computed. When the packed
-    tokens (Gn * Tc contexts + B * Ts suffixes, both padded) would outnumber the B * T of the rows, it
-    runs `sequence_logprobs` instead, so it never processes more tokens than the per-row path.
-    """
+    def tokens(self) -> int:
+        """Token slots the forward runs: contexts + suffixes, both padded."""
+        return self.prefix.ids.numel() + self.ids.numel()
+
+
+def shared_prefix_pack(ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, context_lens: torch.Tensor,
+                       group_size: int) -> SharedPack | None:
+    """Split rows for `shared_prefix_logprobs`, or None when the padded pack would hold more tokens than
+    the B * T of the rows (very uneven groups, or G = 1). See that function for the rules."""
     B, T = ids.shape
     G, Gn = group_size, B // group_size
     if B % G:
         raise ValueError(f"shared-prefix log-probs: {B} rows is not a whole number of groups of {G}")
-    m = mask.bool().clone()
-    m[:, 0] = False  # token 0 has no predictor (sequence_logprobs gives it 0 too)
     col = torch.arange(T, device=ids.device)
-    first = torch.where(m, col, T).min(dim=1).values  # (B,) first masked position, T if none
-    last = torch.where(m, col, -1).max(dim=1).values  # (B,) last masked position, -1 if none
-    s = first.view(Gn, G).min(dim=1).values  # (Gn,)
-    s = torch.where(s == T, 1, s)
-    ctx_len = s - 1  # (Gn,) tokens shared by the whole group
-    Tc = int(ctx_len.max())
-    ctx_ids, ctx_pos = ids[::G, :Tc], pos[::G, :Tc]  # (Gn, Tc)
-    shared = (col[:Tc] < ctx_len[:, None]).repeat_interleave(G, 0)  # (B, Tc)
-    differs = (ids[:, :Tc] != ctx_ids.repeat_interleave(G, 0)) | (pos[:, :Tc] != ctx_pos.repeat_interleave(G, 0))
-    differs &= shared
-    if differs.any():
-        r, t = (int(x) for x in differs.nonzero()[0])
+    L = context_lens.to(ids.device).view(Gn, G)
+    if (L != L[:, :1]).any():
+        g = int((L != L[:, :1]).any(dim=1).nonzero()[0])
+        raise ValueError(f"shared-prefix log-probs: group {g}'s rows have context lengths {L[g].tolist()}; rows must "
+                         f"be group-major with group_size={G} (or turn shared_prefix off)")
+    s = torch.clamp(L[:, 0], min=1)  # (Gn,) each group's first trained position (token 0 has no predictor)
+    before = col < s.repeat_interleave(G)[:, None]  # (B, T) positions before the group's first trained one
+    differs = (ids != ids[::G].repeat_interleave(G, 0)) | (pos != pos[::G].repeat_interleave(G, 0))
+    bad = ((differs | mask.bool()) & before).nonzero()
+    if len(bad):
+        r, t = (int(x) for x in bad[0])
         raise ValueError(f"shared-prefix log-probs: row {r} differs from row {r - r % G} (the first of its group of "
-                         f"{G}) at position {t}, before the group's first masked token at {int(s[r // G])}; rows must "
-                         f"be group-major with group_size={G} and share everything before the mask (or turn "
+                         f"{G}) at position {t}, before the group's first trained position {int(s[r // G])}, or is "
+                         f"masked there; rows must share their context and be trained only after it (or turn "
                          f"shared_prefix off)")
+    ctx_len = s - 1  # (Gn,) tokens shared by the whole group before its suffixes
+    Tc = int(ctx_len.max())
+    last = torch.where(mask.bool(), col, -1).max(dim=1).values  # (B,) last masked position, -1 if none
     start = s.repeat_interleave(G) - 1  # (B,) each suffix starts at its context's last token
     n = torch.clamp(last + 1 - start, min=1)  # (B,) suffix lengths
     Ts = int(n.max())
-    if Gn * Tc + B * Ts > B * T:  # very uneven groups (or G = 1): the padded packing would outgrow the rows
+    if Gn * Tc + B * Ts > B * T:
+        return None
+    cols = torch.clamp(start[:, None] + col[:Ts], max=T - 1)  # (B, Ts)
+    suf_mask = mask.bool().gather(1, cols) & (col[:Ts] < n[:, None])  # (B, Ts)
+    prefix = SharedPrefix(ids[::G, :Tc], pos[::G, :Tc], ctx_len, G)
+    return SharedPack(prefix, ids.gather(1, cols), pos.gather(1, cols), suf_mask, cols)
+
+
+def shared_prefix_logprobs(model, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                           context_lens: torch.Tensor, group_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """`sequence_logprobs` with each group's context encoded once: the same (B, T) float32 result (0 where
+    mask is 0) and the same gradients, from about a third of the tokens on R3's batches.
+
+    ids, pos, mask: (B, T), rows group-major (group g = rows g*G .. g*G+G-1), right padded; context_lens
+    (B,): the tokens before each row's first trained one (r3.rollout.Rollout.context_lens). A group's rows
+    must have the same context length L, hold the same tokens and positions before it, and have no masked
+    token there (ValueError otherwise). The group's context ids[g*G, :L-1] is encoded once; row r's
+    suffix is ids[r, L-1 : e_r] with e_r its last masked position + 1: it starts with the context's last
+    token, whose hidden state predicts the first trained token, so the usual shift by one works inside the
+    suffix. Tokens after e_r cannot change a masked log-prob (attention is causal) and are not computed.
+    When the packed tokens (Gn * Tc contexts + B * Ts suffixes, both padded) would outnumber the B * T of
+    the rows, it runs `sequence_logprobs` instead, so it never processes more tokens than the per-row path.
+    """
+    pack = shared_prefix_pack(ids, pos, mask, context_lens, group_size)
+    if pack is None:
         return sequence_logprobs(model, ids, pos, mask, temperature)
-    idx = torch.clamp(start[:, None] + col[:Ts], max=T - 1)  # (B, Ts) source column of each suffix token
-    real = col[:Ts] < n[:, None]  # (B, Ts)
-    suf_ids, suf_pos = ids.gather(1, idx), pos.gather(1, idx)
-    suf_mask = m.gather(1, idx) & real  # (B, Ts)
-    prefix = SharedPrefix(ctx_ids, ctx_pos, ctx_len, G)
-    hidden = model(suf_ids, suf_pos, return_hidden=True, prefix=prefix)  # (B, Ts, H)
-    lp = token_logprobs(hidden[:, :-1], model.lm_head.weight, suf_ids[:, 1:], suf_mask[:, 1:], temperature)
+    hidden = model(pack.ids, pack.pos, return_hidden=True, prefix=pack.prefix)  # (B, Ts, H)
+    sel = pack.mask[:, 1:]  # (B, Ts-1) the masked tokens, each once (padding repeats column T-1: not selected)
+    lp = token_logprobs(hidden[:, :-1], model.lm_head.weight, pack.ids[:, 1:], sel, temperature)
     out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-    sel = suf_mask[:, 1:]  # (B, Ts-1) the masked tokens, each once (padding repeats column T-1: not selected)
-    rows = torch.arange(B, device=ids.device)[:, None].expand(B, Ts - 1)
-    out[rows[sel], idx[:, 1:][sel]] = lp[sel]
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(sel)
+    out[rows[sel], pack.cols[:, 1:][sel]] = lp[sel]
     return out
 
 
@@ -145,44 +168,64 @@ def rollout_stats(rewards: torch.Tensor, group_size: int, mask: torch.Tensor) ->
     }
 
 
+@dataclass
+class MicroBatch:
+    """One micro-batch of `update`: its rows of the rank's batch, cut after their last masked column."""
+    rows: slice
+    ids: torch.Tensor  # (b, t)
+    pos: torch.Tensor  # (b, t)
+    mask: torch.Tensor  # (b, t)
+    context_lens: torch.Tensor | None  # (b,) on the shared-prefix path (groups of group_size rows); None: per row
+    group_size: int
+
+    def logprobs(self, model, temperature: float) -> torch.Tensor:
+        """(b, t) log-probs of the masked tokens under `model` (shared-prefix or per-row path)."""
+        if self.context_lens is None:
+            return sequence_logprobs(model, self.ids, self.pos, self.mask, temperature)
+        return shared_prefix_logprobs(model, self.ids, self.pos, self.mask, self.context_lens, self.group_size,
+                                      temperature)
+
+
+def micro_batches(batch: dict, micro_batch: int, group_size: int = 1, shared_prefix: bool = False) -> list[MicroBatch]:
+    """`update`'s split of a batch (ids, pos, mask (N, T); context_lens (N,) for shared_prefix) into chunks
+    of micro_batch rows. With shared_prefix, a chunk that splits a group treats its part of the group
+    (gcd(micro_batch, G) rows; chunks start at multiples of it) as a group; gcd 1 is the per-row path."""
+    ids, pos, mask = batch["ids"], batch["pos"], batch["mask"]
+    sub = math.gcd(micro_batch, group_size) if shared_prefix else 1
+    out = []
+    for i in range(0, ids.shape[0], micro_batch):
+        s = slice(i, min(i + micro_batch, ids.shape[0]))
+        T = int(mask[s].nonzero()[:, 1].max()) + 1 if mask[s].any() else 1  # right padding: cut to the longest row
+        out.append(MicroBatch(s, ids[s, :T], pos[s, :T], mask[s, :T],
+                              batch["context_lens"][s] if sub > 1 else None, sub))
+    return out
+
+
 def update(policy, ref, batch: dict, opt, *, micro_batch: int, ppo_epochs: int, temperature: float, beta: float,
            clip_eps: float, grad_clip: float, world: int = 1, group_size: int = 1, shared_prefix: bool = False) -> dict:
-    """One optimizer step of GRPO (docs/method.md section 3, steps 6-9) on this rank's share of the batch:
-    ids, pos, mask (N, T) and advantages (N,), rows group-major (group_size rows per group). All ranks take
-    part with the same number of micro-batches (FSDP collectives must match). With `shared_prefix`, every
-    forward (old, reference, policy) encodes each group's context once (`shared_prefix_logprobs`); a
-    micro-batch that splits a group treats its part of the group (gcd(micro_batch, G) rows) as a group,
-    so no micro-batch holds more rows than `micro_batch`. Returns loss, kl, clip_frac, grad_norm, tokens
-    (global figures)."""
+    """The GRPO update (docs/method.md section 3, steps 6-9) on this rank's share of the batch: ppo_epochs
+    passes over it, one optimizer step each (the default 1: one step). batch: ids, pos, mask (N, T),
+    advantages (N,) and, for `shared_prefix`, context_lens (N,) (`Rollout.batch`); rows group-major
+    (group_size rows per group), split by `micro_batches`. All ranks take part with the same number of
+    micro-batches (FSDP collectives must match). With `shared_prefix`, every forward (old, reference,
+    policy) encodes each group's context once (`shared_prefix_logprobs`). Returns loss, kl, clip_frac,
+    grad_norm, tokens (global figures)."""
     from r3 import dist
 
-    sub = math.gcd(micro_batch, group_size)  # rows of one group inside each micro-batch (chunks start at multiples)
-
-    def logprobs(model, i, p, m):
-        if shared_prefix and sub > 1:
-            return shared_prefix_logprobs(model, i, p, m, sub, temperature)
-        return sequence_logprobs(model, i, p, m, temperature)
-
-    ids, pos, mask, adv = batch["ids"], batch["pos"], batch["mask"], batch["advantages"]
-    n = ids.shape[0]
-    chunks = [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
-
-    def trimmed(s):  # right padding: cut each micro-batch to its longest row
-        T = int(mask[s].nonzero()[:, 1].max()) + 1 if mask[s].any() else 1
-        return ids[s, :T], pos[s, :T], mask[s, :T]
-
-    micro = [trimmed(s) for s in chunks]
+    micro = micro_batches(batch, micro_batch, group_size, shared_prefix)
     # a. log-probs that do not change during the update: old policy (the ratio, step 8) and reference (KL, step 7)
     with torch.no_grad():
-        old = [logprobs(policy, *mb) if ppo_epochs > 1 else None for mb in micro]
-        refs = [logprobs(ref, *mb) if ref is not None else None for mb in micro]
+        old = [mb.logprobs(policy, temperature) if ppo_epochs > 1 else None for mb in micro]
+        refs = [mb.logprobs(ref, temperature) if ref is not None else None for mb in micro]
+    mask, adv = batch["mask"], batch["advantages"]
     num_tokens = float(dist.all_reduce_sum(mask.sum().float().clone()))  # reflection tokens, all ranks (step 9)
     # b. loss over micro-batches, gradients accumulated; x world because FSDP averages gradients over ranks
     sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
     for epoch in range(ppo_epochs):
-        for s, (i, p, m), o, r in zip(chunks, micro, old, refs):
-            logp = logprobs(policy, i, p, m)
-            loss, st = grpo_loss(logp, o if o is not None else logp.detach(), r, adv[s], m, beta, clip_eps, num_tokens)
+        for mb, o, r in zip(micro, old, refs):
+            logp = mb.logprobs(policy, temperature)
+            loss, st = grpo_loss(logp, o if o is not None else logp.detach(), r, adv[mb.rows], mb.mask, beta, clip_eps,
+                                 num_tokens)
             (loss * world).backward()
             if epoch == ppo_epochs - 1:
                 sums["loss"] += float(loss.detach())

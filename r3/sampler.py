@@ -2,24 +2,24 @@
 
 `generate(model, prompts, n, ...)` samples n continuations of each prompt (token-id lists of any
 lengths) and returns one `Sample` per continuation, prompt-major: prompt 0's n samples, then prompt 1's.
-The pieces follow gpt-fast's generate.py: `prefill`, `decode_one_token`, `sample`, `generate`.
+The pieces follow gpt-fast's generate.py: `prefill`, `decode_one_token`, `decode`, `sample`, `generate`.
 
 How a call runs:
-1. Prompts are deduplicated (n samples of one prompt, or equal prompts, are prefilled once) and the
-   unique prompts are grouped by shared token prefix (`_share_plan`): each group's common prefix of at
-   least `min_shared` tokens is prefilled once, its cache rows are copied to the group's members, and
-   then every unique prompt's own suffix is prefilled (one right-padded batch per level). With `resume=`
-   (below) the rows of the samples the prompts continue are taken instead, and only new tokens prefilled.
-2. The cache rows of the unique prompts are copied to the N = len(prompts) * n samples
-   (repeat_interleave), with the last-token logits, and the first tokens are sampled.
-3. Decode: one token for every live row per step. Every `compact_every` steps the rows that have sampled
-   a stop token are dropped from the batch (their cache rows compacted in place, only the live slots
-   copied), so finished samples stop costing compute after at most `compact_every` - 1 wasted steps.
-   This is also the only host sync in the loop (`done.any()`), which matters on a GPU.
+1. Prefill: equal prompts (and the n samples of one) are prefilled once; `prefill_shared` groups the
+   unique prompts by shared token prefix (`_share_plan`), prefills each group's common prefix of at least
+   `min_shared` tokens once, copies its cache rows to the group's members, then prefills every unique
+   prompt's own suffix (one right-padded batch per level). With `resume=` (below) `prefill_resumed` takes
+   the rows of the samples the prompts continue instead, and prefills only new tokens. The unique prompts'
+   cache rows and last-token logits are then copied to the N = len(prompts) * n samples (repeat_interleave).
+2. Decode (`decode`): the first tokens are sampled from those logits, then one token per live row per step.
+   Every `compact_every` steps the rows that have sampled a stop token are dropped from the batch (their
+   cache rows compacted in place, only the live slots copied), so finished samples stop costing compute
+   after at most `compact_every` - 1 wasted steps; that check (`done.any()`) is the loop's only host sync.
+3. Samples (`_collect`): each row is cut after its first stop token; `keep=` keeps the cache (`fill_kept`).
 
-Compiled decode (`compile=True`, off by default): the decode step is `torch.compile`d with static
-shapes, as gpt-fast does: fullgraph, `dynamic=False`, and on CUDA mode "reduce-overhead" (CUDA graphs:
-one graph launch per token instead of ~1,500 kernel launches); plain inductor on CPU. To keep shapes
+Compiled decode (`compile=True`, off by default): the decode step is `torch.compile`d with static shapes
+(`compiled_decode`), as gpt-fast does: fullgraph, `dynamic=False`, and on CUDA mode "reduce-overhead" (CUDA
+graphs: one graph launch per token instead of ~1,500 kernel launches); plain inductor on CPU. To keep shapes
 static the batch is fixed (no compaction: finished rows keep decoding, their tokens discarded; the loop
 still ends early once every row has stopped, checked every `compact_every` steps), attention spans the
 whole cache, and the cache length is rounded up to a multiple of 256 and the buffer reused across calls
@@ -46,9 +46,9 @@ prefill: equal up to the last bits of differently shaped matmuls. Nothing else i
 across calls as nano-vllm's block table has).
 
 Reproducibility: every sample draws from a random stream of its own, one uniform per token, seeded by
-its prompt's seed and its index among that prompt's n samples (`derive_seed`). `seed` is one int (prompt p
-gets derive_seed(seed, p)) or one int per prompt. With per-prompt seeds that the caller keys by something
-other than the position in the call (train.py: the failure's index in the step's global batch), a
+its prompt's seed and its index among that prompt's n samples (r3/seeds.py: derive_seed). `seed` is one
+int (prompt p gets derive_seed(seed, p)) or one int per prompt. With per-prompt seeds that the caller keys
+by something other than the position in the call (train.py: the failure's index in the step's global batch), a
 sample does not depend on the other prompts of the call, their order or the batch size, so one process
 and N ranks splitting the same prompts draw the same samples (tests/test_torchrun.py), up to last-bit
 differences of differently shaped matmuls (greedy output is checked exactly in tests/test_sampler.py).
@@ -56,8 +56,8 @@ differences of differently shaped matmuls (greedy output is checked exactly in t
 FSDP2: the call runs under torch.no_grad() (not inference_mode: parameters FSDP gathers there would
 become inference tensors that the next training step cannot use), and a sharded model only inside the
 caller's `r3.dist.unsharded(model)`, which gathers the full weights once for a whole stretch of calls:
-the call itself issues no collective, so ranks may make different numbers of calls (r3/dist.py). Memory while sampling,
-per rank: the full parameters in the compute dtype (about 1x the model) on top of the shards, plus the
+the call itself issues no collective, so ranks may make different numbers of calls (r3/dist.py).
+Memory while sampling, per rank: the full parameters in the compute dtype (about 1x the model) on top of the shards, plus the
 KV cache, 2 * layers * N * S * Hkv * D elements (default 135M model, N=64, S=384: 1.1 GB in fp32), plus
 a transient copy of one layer's live part when rows are copied or compacted, plus a few (N, V) fp32 tensors
 per step (logits, probabilities, their cumsum) and the activations of one prefill batch.
@@ -71,7 +71,6 @@ caller bounds the batch).
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -80,6 +79,7 @@ import torch.nn.functional as F
 
 from r3.dist import require_gathered
 from r3.model import ModelConfig, Transformer
+from r3.seeds import derive_seed, item_seeds
 
 
 @dataclass
@@ -104,8 +104,9 @@ class KVCache:
 
     @classmethod
     def static(cls, cfg: ModelConfig, batch: int, length: int, device, dtype) -> "KVCache":
-        """The compiled path's cache: one zeroed buffer per shape, reused across calls, its address
-        marked static so CUDA graphs need not copy it (compile guards on that address)."""
+        """The compiled path's cache: `length` rounded up to STATIC_MULTIPLE, one zeroed buffer per shape reused
+        across calls, its address marked static so CUDA graphs need not copy it (compile guards on that address)."""
+        length = -(-length // STATIC_MULTIPLE) * STATIC_MULTIPLE
         key = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, length, cfg.head_dim, str(device), dtype)
         if key not in STATIC_CACHES:
             STATIC_CACHES[key] = cache = cls(cfg, batch, length, device, dtype)
@@ -203,12 +204,17 @@ def decode_one_token(model: Transformer, cache: KVCache, tok: torch.Tensor, pos:
 _COMPILED: dict[str, object] = {}  # device type -> compiled decode_one_token (dynamo caches per shape)
 
 
-def compiled_decode(device: torch.device):
-    """decode_one_token under torch.compile: static shapes, one graph; CUDA graphs on CUDA."""
-    if device.type not in _COMPILED:
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        _COMPILED[device.type] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
-    return _COMPILED[device.type]
+def compiled_decode(model: Transformer, cache: KVCache, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """decode_one_token under torch.compile (static shapes, one graph; CUDA graphs on CUDA), attending to the whole
+    cache (slots beyond a row's position masked)."""
+    dev = cache.kv.device.type
+    if dev not in _COMPILED:
+        mode = "reduce-overhead" if dev == "cuda" else None
+        _COMPILED[dev] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+    cache.span = cache.kv.shape[4]
+    if dev == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+    return _COMPILED[dev](model, cache, tok, pos)
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
@@ -248,7 +254,7 @@ def prefill_shared(model: Transformer, prompts: list[list[int]], batch: int, max
                    min_shared: int, static: bool = False, reserve: int = 0) -> tuple[KVCache, torch.Tensor]:
     """Allocate the cache (`batch` rows) and prefill distinct `prompts` into rows 0..U-1, each shared
     prefix once (see `_share_plan`). Returns the cache and the last-token logits (U, V).
-    static: the compiled path's reused cache, its length rounded up to STATIC_MULTIPLE; reserve: extra slots."""
+    static: the compiled path's reused cache (`KVCache.static`); reserve: extra slots."""
     w = model.model.embed_tokens.weight  # under unsharded(): the full weight in the compute dtype
     shared = [(s, m) for s, m in _share_plan(prompts, min_shared) if s > 0]
     start, parent = [0] * len(prompts), [0] * len(prompts)
@@ -257,12 +263,8 @@ def prefill_shared(model: Transformer, prompts: list[list[int]], batch: int, max
             start[i], parent[i] = s, row
     suffixes = [p[s:] for p, s in zip(prompts, start)]
     longest = max(max(start) + max(map(len, suffixes)), max((s for s, _ in shared), default=0))
-    length = longest + max_new_tokens + reserve
-    if static:
-        length = -(-length // STATIC_MULTIPLE) * STATIC_MULTIPLE
-        cache = KVCache.static(model.config, batch, length, w.device, w.dtype)
-    else:
-        cache = KVCache(model.config, batch, length, w.device, w.dtype)
+    alloc = KVCache.static if static else KVCache
+    cache = alloc(model.config, batch, longest + max_new_tokens + reserve, w.device, w.dtype)
     if shared:  # level 1: each group's prefix once, then copy the rows to the group's members
         prefill(model, cache, [prompts[m[0]][:s] for s, m in shared], [0] * len(shared))
         cache.select(torch.tensor(parent, device=w.device))
@@ -285,26 +287,23 @@ def prefill_resumed(model: Transformer, kept: KeptCache, prompts: list[list[int]
     old, kept.cache = kept.cache, None  # used up: its buffer is now this call's
     src = torch.tensor([kept.rows[j] for j in parents], device=old.kv.device)
     length, span = max(map(len, prompts)) + max_new_tokens, max(have)
-    if old.kv.shape[2] >= batch and old.kv.shape[4] >= length:  # the keeping call reserved room: grow in place
-        cache = old
-    else:
-        cache = KVCache(model.config, batch, length, old.kv.device, old.kv.dtype)
+    room = old.kv.shape[2] >= batch and old.kv.shape[4] >= length  # the keeping call reserved room: grow in place
+    cache = old if room else KVCache(model.config, batch, length, old.kv.device, old.kv.dtype)
     cache.span = span
     cache.select(src, source=old)
     return cache, prefill(model, cache, [p[h:] for p, h in zip(prompts, have)], have)
 
 
-def derive_seed(seed: int, *keys) -> int:
-    """A seed for the item `keys` of whatever `seed` seeds (a prompt of a call, a sample of a prompt):
-    a 63-bit hash, so different (seed, keys) give unrelated streams and no arithmetic collides."""
-    text = ",".join(map(str, (seed, *keys)))
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+def fill_kept(kept: KeptCache, cache: KVCache, order: torch.Tensor, prompts: list[list[int]], samples: list[Sample]):
+    """keep=: leave this call's cache in `kept`; cache row r holds sample order[r] (see KeptCache)."""
+    kept.cache, kept.rows = cache, order.argsort().tolist()  # the inverse permutation: each sample's row
+    kept.tokens = [prompts[s.prompt_index] + s.ids[:-1] for s in samples]
 
 
 def prompt_seeds(seed: int | Sequence[int], count: int) -> list[int]:
     """One seed per item: `seed` as given when it is a sequence of `count` ints, else derive_seed(seed, i)."""
     if isinstance(seed, int):
-        return [derive_seed(seed, i) for i in range(count)]
+        return item_seeds(seed, 0, count)
     seeds = [int(x) for x in seed]
     if len(seeds) != count:
         raise ValueError(f"{len(seeds)} seeds for {count} prompts: give one int, or one seed per prompt")
@@ -323,59 +322,17 @@ def uniforms(seeds: list[int], n: int, steps: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256,
-             temperature: float = 1.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
-             seed: int | Sequence[int] | None = None, return_logprobs: bool = False, min_shared: int = 32,
-             compact_every: int = 8, compile: bool = False, keep: KeptCache | None = None,
-             resume: KeptCache | None = None) -> list[Sample]:
-    """Sample n continuations of every prompt (see the module docstring); len(prompts) * n Samples,
-    prompt-major. temperature 0 is greedy (top_p then unused). A sample ends after the first of
-    `stop_ids` it samples, or after max_new_tokens. `seed`: one int, one per prompt (a prompt's samples then
-    do not depend on the rest of the call), or None (a fresh one). min_shared: the
-    shortest common prefix prefilled once for several prompts; compact_every: steps between drops of
-    finished rows (with `compile`: steps between checks that all rows have stopped). return_logprobs
-    fills Sample.logprobs. compile: decode with the compiled static-shape step (module docstring).
-    keep: a KeptCache this call fills with its KV cache (finished rows are then moved behind the live ones
-    instead of dropped); resume: a filled KeptCache whose sample i prompt i continues (one prompt per kept
-    sample), so only the prompts' new tokens are prefilled. Neither works with `compile`."""
-    prompts = [[int(t) for t in p] for p in prompts]
-    if not prompts or min(map(len, prompts)) == 0 or n < 1 or max_new_tokens < 1:
-        raise ValueError("generate needs non-empty prompts, n >= 1 and max_new_tokens >= 1")
-    if compile and (keep is not None or resume is not None):
-        raise ValueError("generate: keep= and resume= need compile=False (the compiled path reuses its cache buffer)")
-    if resume is not None and len(resume.tokens) != len(prompts):
-        raise ValueError(f"resume: {len(prompts)} prompts for {len(resume.tokens)} kept samples (one prompt each)")
-    require_gathered(model)  # sharded: only inside r3.dist.unsharded, so no forward here issues a collective
-    index: dict[tuple, int] = {}
-    unique_of = [index.setdefault(tuple(p), len(index)) for p in prompts]
-    uniq = [list(k) for k in index]
-    rows = [unique_of[p] for p in range(len(prompts)) for _ in range(n)]  # unique prompt per sample
-    N = len(rows)
-    if resume is not None:  # unique prompt u continues the kept sample of its first prompt
-        first: dict[int, int] = {}
-        parents = [first.setdefault(u, i) for i, u in enumerate(unique_of) if u not in first]
-        cache, logits = prefill_resumed(model, resume, uniq, parents, N, max_new_tokens)
-    else:
-        reserve = keep.reserve if keep is not None else 0
-        cache, logits = prefill_shared(model, uniq, N, max_new_tokens, min_shared, static=compile, reserve=reserve)
-    dev = cache.kv.device
-    step_fn = compiled_decode(dev) if compile else decode_one_token
-    if seed is None:
-        seed = torch.Generator().seed()  # a fresh one; never the global RNG
-    # every sample's own stream, one uniform per step (greedy draws none)
-    u = uniforms(prompt_seeds(seed, len(prompts)), n, max_new_tokens).to(dev) if temperature > 0 else None
-    if rows != list(range(N)):  # copy each unique prompt's rows to its samples
-        rows_t = torch.tensor(rows, device=dev)
-        cache.select(rows_t)
-        logits = logits[rows_t]  # (N, V)
-    pos = torch.tensor([len(uniq[u]) for u in rows], device=dev)  # (N,) next position per row
-    longest = max(map(len, uniq))
+def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, pos: list[int], u: torch.Tensor | None, *,
+           temperature: float, top_p: float, stop_ids: Sequence[int], max_new_tokens: int, compact_every: int,
+           compile: bool, keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample a token for every live row from its logits (N, V), feed it at its position, repeat (module docstring).
+    Returns tokens, log-probs (N, max_new_tokens; garbage after a stop) and the sample in each cache row (N,)."""
+    dev, N, longest = logits.device, len(pos), max(pos)
+    pos = torch.tensor(pos, device=dev)  # (N,) next position per row
     stops = torch.tensor(list(stop_ids) or [-1], device=dev)
     out = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=dev)
     lps = torch.zeros((N, max_new_tokens), device=dev)
-    alive = torch.arange(N, device=dev)  # sample index of each cache row
-    row_of = torch.arange(N, device=dev)  # keep: the cache row of each sample
+    order = alive = torch.arange(N, device=dev)  # the sample in each cache row; alive: the live rows' (a prefix)
     done = torch.zeros(N, dtype=torch.bool, device=dev)
     for step in range(max_new_tokens):
         tok, lp = sample(logits, temperature, top_p, u[alive, step] if u is not None else None)
@@ -387,27 +344,70 @@ def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_t
             if bool(done.all()):
                 break
             if not compile:  # compiled: the batch stays fixed (static shapes); done rows are ignored
-                keep_rows = (~done).nonzero()[:, 0]
-                if keep is not None:  # finished rows go behind the live ones, where decode leaves them be
-                    gone = done.nonzero()[:, 0]
-                    cache.select(torch.cat([keep_rows, gone]))
-                    row_of[alive[gone]] = torch.arange(len(keep_rows), len(alive), device=dev)
-                else:
-                    cache.select(keep_rows)
-                alive, tok, pos, done = alive[keep_rows], tok[keep_rows], pos[keep_rows], done[keep_rows]
+                live = (~done).nonzero()[:, 0]
+                # keep: finished rows go behind the live ones, where decode leaves them be; else dropped
+                moved = torch.cat([live, done.nonzero()[:, 0]]) if keep else live
+                cache.select(moved)
+                order[: len(moved)] = order[moved]
+                alive, tok, pos, done = order[: len(live)], tok[live], pos[live], done[live]
         if compile:
-            cache.span = cache.kv.shape[4]  # static: the whole cache, slots beyond a row's position masked
-            if dev.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+            logits = compiled_decode(model, cache, tok, pos)
         else:
             cache.span = longest + step + 1  # every live row's position is < this
-        logits = step_fn(model, cache, tok, pos)
+            logits = decode_one_token(model, cache, tok, pos)
         pos = pos + 1
+    return out, lps, order
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256,
+             temperature: float = 1.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+             seed: int | Sequence[int] | None = None, return_logprobs: bool = False, min_shared: int = 32,
+             compact_every: int = 8, compile: bool = False, keep: KeptCache | None = None,
+             resume: KeptCache | None = None) -> list[Sample]:
+    """Sample n continuations of every prompt (see the module docstring); len(prompts) * n Samples, prompt-major.
+    temperature 0 is greedy (top_p then unused). A sample ends after the first of `stop_ids` it samples, or after
+    max_new_tokens. `seed`: one int, one per prompt (a prompt's samples then do not depend on the rest of the call),
+    or None (a fresh one). min_shared: the shortest common prefix prefilled once for several prompts; compact_every:
+    steps between drops of finished rows (with `compile`: steps between checks that all rows have stopped).
+    return_logprobs fills Sample.logprobs. compile: decode with the compiled static-shape step (module docstring).
+    keep: a KeptCache this call fills with its KV cache (finished rows are then moved behind the live ones instead
+    of dropped); resume: a filled KeptCache whose sample i prompt i continues (one prompt per kept sample), so only
+    the prompts' new tokens are prefilled. Neither works with `compile`."""
+    prompts = [[int(t) for t in p] for p in prompts]
+    if not prompts or min(map(len, prompts)) == 0 or n < 1 or max_new_tokens < 1:
+        raise ValueError("generate needs non-empty prompts, n >= 1 and max_new_tokens >= 1")
+    if compile and (keep is not None or resume is not None):
+        raise ValueError("generate: keep= and resume= need compile=False (the compiled path reuses its cache buffer)")
+    if resume is not None and len(resume.tokens) != len(prompts):
+        raise ValueError(f"resume: {len(prompts)} prompts for {len(resume.tokens)} kept samples (one prompt each)")
+    require_gathered(model)  # sharded: only inside r3.dist.unsharded, so no forward here issues a collective
+    index: dict[tuple, int] = {}
+    unique_of = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    uniq = [list(k) for k in index]
+    rows = [u for u in unique_of for _ in range(n)]  # unique prompt per sample
+    N = len(rows)
+    if resume is not None:  # unique prompt u continues the kept sample of its first prompt
+        parents = [unique_of.index(u) for u in range(len(uniq))]
+        cache, logits = prefill_resumed(model, resume, uniq, parents, N, max_new_tokens)
+    else:
+        reserve = keep.reserve if keep is not None else 0
+        cache, logits = prefill_shared(model, uniq, N, max_new_tokens, min_shared, static=compile, reserve=reserve)
+    dev = cache.kv.device
+    if seed is None:
+        seed = torch.Generator().seed()  # a fresh one; never the global RNG
+    # every sample's own stream, one uniform per step (greedy draws none)
+    u = uniforms(prompt_seeds(seed, len(prompts)), n, max_new_tokens).to(dev) if temperature > 0 else None
+    if rows != list(range(N)):  # copy each unique prompt's rows to its samples
+        rows_t = torch.tensor(rows, device=dev)
+        cache.select(rows_t)
+        logits = logits[rows_t]  # (N, V)
+    out, lps, order = decode(model, cache, logits, [len(uniq[r]) for r in rows], u, temperature=temperature,
+                             top_p=top_p, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
+                             compact_every=compact_every, compile=compile, keep=keep is not None)
     samples = _collect(out.tolist(), lps.tolist() if return_logprobs else None, set(stop_ids), n)
     if keep is not None:
-        row_of[alive] = torch.arange(len(alive), device=dev)
-        keep.cache, keep.rows = cache, row_of.tolist()
-        keep.tokens = [uniq[rows[i]] + s.ids[:-1] for i, s in enumerate(samples)]
+        fill_kept(keep, cache, order, prompts, samples)
     return samples
 
 

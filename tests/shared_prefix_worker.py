@@ -27,7 +27,7 @@ NO_CLIP = 1e30  # grad_clip: clip_grad_norm_ then multiplies every gradient by e
 
 
 def group_batch(groups: int, G: int, T: int, vocab: int, seed: int) -> dict:
-    """A random R3-like batch (ids, pos, mask, advantages), rows group-major and right padded.
+    """A random R3-like batch (ids, pos, mask, context_lens, advantages), rows group-major and right padded.
 
     Group g has a context of its own length (shared by its G rows); each row continues with a masked
     reflection of its own length (1 to 9 tokens, different within a group), then unmasked retry tokens,
@@ -36,8 +36,10 @@ def group_batch(groups: int, G: int, T: int, vocab: int, seed: int) -> dict:
     N = groups * G
     ids = torch.randint(1, vocab, (N, T), generator=g)
     mask = torch.zeros(N, T, dtype=torch.bool)
+    context_lens = torch.zeros(N, dtype=torch.long)
     for k in range(groups):
         c = 3 + 5 * k % (T // 2)  # context length of group k
+        context_lens[k * G:(k + 1) * G] = c
         ids[k * G:(k + 1) * G, :c] = ids[k * G, :c].clone()
         for j in range(G):
             r = k * G + j
@@ -45,7 +47,7 @@ def group_batch(groups: int, G: int, T: int, vocab: int, seed: int) -> dict:
             mask[r, c:c + n_ref] = True
             end = min(T, c + n_ref + int(torch.randint(0, 6, (1,), generator=g)))
             ids[r, end:] = 0  # right padding
-    return {"ids": ids, "pos": torch.arange(T).expand(N, T).clone(), "mask": mask,
+    return {"ids": ids, "pos": torch.arange(T).expand(N, T).clone(), "mask": mask, "context_lens": context_lens,
             "advantages": torch.randn(N, generator=g)}
 
 
@@ -71,7 +73,7 @@ def traced():
             if name == "grpo_loss":
                 trace["loss"].append(float(out[0].detach()))
             elif depth[0] == 0:
-                G = args[4] if name == "shared_prefix_logprobs" else 1
+                G = args[5] if name == "shared_prefix_logprobs" else 1
                 trace["logp"].append(("shared" if G > 1 else "rows", G, out.detach().clone()))
             return out
         return call

@@ -128,7 +128,7 @@ def test_mask_covers_only_reflection_tokens(default_tok):
     reflections = ["I multiplied all three; 2*3*4 is 24, not 14. Try 2 + 3 * 4.",
                    "\nCheck:  the sum first, then multiply. ",
                    "🙂 Use (4 - 2) * 7? No: 7 is not given."]
-    ids, pos, mask = build_batch(default_tok, [base + [{"role": "assistant", "content": r}] for r in reflections],
+    ids, pos, mask, _ = build_batch(default_tok, [base + [{"role": "assistant", "content": r}] for r in reflections],
                                  pad_id=2)
     for i, r in enumerate(reflections):
         assert default_tok.decode(ids[i][mask[i]].tolist()) == r + "<|im_end|>"

@@ -84,12 +84,13 @@ def sampled(s: Sample) -> list[int]:
 
 
 def check_groups_share_prefix(ro, group_size):
-    """Group g is rows g*G..; within it every row has the same tokens before its first masked token."""
-    assert ro.group_ids.tolist() == [i // group_size for i in range(len(ro.group_ids))]
-    for g in range(len(ro.group_ids) // group_size):
+    """Group g is rows g*G..; within it every row has the same tokens before its first masked token, and
+    context_lens says where that is."""
+    for g in range(len(ro.rewards) // group_size):
         rows = range(g * group_size, (g + 1) * group_size)
         starts = [int(ro.mask[i].nonzero()[0]) for i in rows]
         assert len(set(starts)) == 1, starts
+        assert [int(ro.context_lens[i]) for i in rows] == starts
         prefixes = {tuple(ro.ids[i, :starts[0]].tolist()) for i in rows}
         assert len(prefixes) == 1, f"group {g}: rows differ before their first masked token"
 
@@ -116,7 +117,7 @@ def check_prompt_plus_sample_rows(ro, prompts, samples, eot):
 
 
 def rollout(model, tok, method="r3", seed=5):
-    return r3.rollout.rollout(model, tok, EvenTask(), FAILURES, G, max_reflection_tokens=8, max_retry_tokens=6,
+    return r3.rollout.rollout(model, tok, EvenTask(), FAILURES, group_size=G, max_reflection_tokens=8, max_retry_tokens=6,
                               temperature=T_REFLECT, retry_temperature=T_RETRY, seed=seed, method=method)
 
 
@@ -180,7 +181,7 @@ def test_a_reflection_spelled_apart_from_bpe_is_trained_as_sampled(model, defaul
     monkeypatch.setattr(r3.rollout, "generate", forced)
     ro = rollout(model, tok)
     as_text = [context_messages(f) + [{"role": "assistant", "content": " answer"}] for f in FAILURES for _ in range(G)]
-    text_rows, _, text_mask = r3.rollout.build_batch(tok, as_text, eot)
+    text_rows, _, text_mask, _ = r3.rollout.build_batch(tok, as_text, eot)
     for i in range(len(ro.rewards)):
         assert ro.ids[i][ro.mask[i]].tolist() == split + [eot]
         assert text_rows[i][text_mask[i]].tolist() != split + [eot]  # a re-render would train other tokens
@@ -224,7 +225,7 @@ def test_r3_retry_mask_covers_the_reflection_and_the_retry_not_the_question(mode
 def test_grpo_mask_covers_the_first_attempts_only(model, default_tok, calls):
     tok, eot = default_tok, end_of_turn_id(default_tok)
     task, examples = EvenTask(), [f["example"] for f in FAILURES]
-    ro = r3.rollout.grpo_rollout(model, tok, task, examples, G, max_new_tokens=7, temperature=T_REFLECT, seed=3)
+    ro = r3.rollout.grpo_rollout(model, tok, task, examples, group_size=G, max_new_tokens=7, temperature=T_REFLECT, seed=3)
     (call,) = calls
     assert call["n"] == G and call["kw"]["temperature"] == T_REFLECT
     assert [tok.decode(p) for p in call["prompts"]] == [
@@ -243,7 +244,8 @@ def test_two_tries_renders_the_retry_prompt_from_the_reflection_text(model, defa
             return False
 
     tok, task = default_tok, Unsolvable()
-    rows = r3.rollout.two_tries(model, tok, task, [f["example"] for f in FAILURES], 6, 8, 0.0)
+    rows = r3.rollout.two_tries(model, tok, task, [f["example"] for f in FAILURES], max_new_tokens=6,
+                                max_reflection_tokens=8, temperature=0.0)
     first, refl, retry = calls
     for f, p, s, r in zip(FAILURES, retry["prompts"], refl["samples"], rows):
         said = {"role": "assistant", "content": tok.decode(s.ids, skip_special_tokens=True)}

@@ -30,7 +30,8 @@ import torch.multiprocessing as mp
 
 from conftest import ours_from_hf, tiny_hf_model
 import r3.sampler
-from r3.sampler import KeptCache, _share_plan, derive_seed, generate, sample
+from r3.sampler import KeptCache, _share_plan, generate, sample
+from r3.seeds import derive_seed
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

@@ -133,7 +133,20 @@ def test_rows_that_differ_before_the_mask_are_refused():
     ids = batch["ids"].clone()
     ids[3, 2] = (ids[3, 2] + 1) % 128  # row 3 (group 1) leaves its context before the reflection
     with pytest.raises(ValueError, match="row 3 differs from row 2 .* at position 2"):
-        shared_prefix_logprobs(model, ids, batch["pos"], batch["mask"], 2)
+        shared_prefix_logprobs(model, ids, batch["pos"], batch["mask"], batch["context_lens"], 2)
+
+
+def test_context_lengths_that_differ_in_a_group_or_a_mask_inside_the_context_are_refused():
+    model = ours_from_hf(tiny_hf_model("llama"))
+    batch = group_batch(2, 2, T=20, vocab=128, seed=0)
+    lens = batch["context_lens"].clone()
+    lens[3] += 1
+    with pytest.raises(ValueError, match="group 1's rows have context lengths"):
+        shared_prefix_logprobs(model, batch["ids"], batch["pos"], batch["mask"], lens, 2)
+    mask = batch["mask"].clone()
+    mask[1, 1] = True  # row 1 trains a token of its group's context
+    with pytest.raises(ValueError, match="row 1 differs from row 0 .* at position 1"):
+        shared_prefix_logprobs(model, batch["ids"], batch["pos"], mask, batch["context_lens"], 2)
 
 
 def test_mask_on_attempt_and_retry_takes_the_prefix_before_the_first_masked_token():
@@ -147,7 +160,7 @@ def test_mask_on_attempt_and_retry_takes_the_prefix_before_the_first_masked_toke
         mask[r, last + 2:last + 5] = True  # a second masked span after an unmasked gap
     with torch.no_grad():
         want = sequence_logprobs(model, batch["ids"], batch["pos"], mask)
-        got = shared_prefix_logprobs(model, batch["ids"], batch["pos"], mask, 4)
+        got = shared_prefix_logprobs(model, batch["ids"], batch["pos"], mask, batch["context_lens"], 4)
     assert (got[~mask] == 0).all() and rel(got, want) <= TOL, f"rel diff {rel(got, want):.2e}"
 
 
@@ -193,12 +206,12 @@ def test_default_model_equal_losses_on_a_countdown_batch(default_dir, default_to
                    "check which operation reaches the target before writing the equation.", "Use 7 + 13."]
     convs = [reflection_context(task, ex, "<answer>1 + 2</answer>") + [{"role": "assistant", "content": r}]
              for ex in examples for r in reflections]
-    ids, pos, mask = build_batch(default_tok, convs, default_tok.pad_token_id)
+    ids, pos, mask, context_lens = build_batch(default_tok, convs, default_tok.pad_token_id)
     model = load_hf(default_dir)
     adv = torch.randn(len(convs), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = sequence_logprobs(model, ids, pos, mask)
-        got = shared_prefix_logprobs(model, ids, pos, mask, len(reflections))
+        got = shared_prefix_logprobs(model, ids, pos, mask, context_lens, len(reflections))
     loss = [float(grpo_loss(lp, lp + 0.1, None, adv, mask, 0.0, 0.2, float(mask.sum()))[0]) for lp in (want, got)]
     print(f"{tuple(ids.shape)} batch, {int(mask.sum())} masked tokens: log-probs rel diff {rel(got, want):.1e}, "
           f"loss per-row {loss[0]:.8f} shared {loss[1]:.8f}")

@@ -67,12 +67,14 @@ def test_check_reports_every_column_and_its_sampled_retry_is_train_pys_rollout(t
     # the sampled retry is train.py's rollout: recompute the sampled failures' rewards through r3.rollout.rollout
     from r3.checkpoint import load_model
     from r3.rollout import rollout
+    from r3.seeds import derive_seed
 
     _, model, tok = load_model(str(tiny_dir))
     a = argparse.Namespace(**result["args"])
     task = HintedParity()
     with torch.no_grad():
         fails, _ = step0_signal.find_failures(model, tok, task, task.examples("train")[:24], 4, 0.9, a, 8)
-        rewards = torch.cat([rollout(model, tok, task, fails[c:c + 2], 2, 4, 4, 0.9, 0.9, 1.0, seed=6, first=c).rewards
-                             for c in range(0, 4, 2)])
+        rewards = torch.cat([rollout(model, tok, task, fails[c:c + 2], group_size=2, max_reflection_tokens=4,
+                                     max_retry_tokens=4, temperature=0.9, retry_temperature=0.9,
+                                     seed=derive_seed(5, "rollout", 1), first=c).rewards for c in range(0, 4, 2)])
     assert float(rewards.mean()) == hinted["sampled_failures"]["sampled_retry"]["retry_success"]

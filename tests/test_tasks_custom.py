@@ -64,14 +64,15 @@ def test_readme_task_runs_a_rollout_and_one_update(my_task, tiny_dir):
     failures = [{"task": task.name, "example": ex, "attempt": "no idea"} for ex in task.examples("train")[:2]]
     G = 3
     with torch.no_grad():
-        ro = rollout(policy, tok, task, failures, G, 6, 4, 1.0, 1.0, seed=0)
+        ro = rollout(policy, tok, task, failures, group_size=G, max_reflection_tokens=6, max_retry_tokens=4,
+                     temperature=1.0, retry_temperature=1.0, seed=0)
     assert ro.ids.shape[0] == 2 * G and ro.mask.any(dim=1).all()
     retries = [t["retry"] for t in ro.texts]
     expected = [float(task.verify(failures[i // G]["example"], y)) for i, y in enumerate(retries)]
     assert ro.rewards.tolist() == expected
     adv = group_advantages(ro.rewards, G)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    out = update(policy, None, {"ids": ro.ids, "pos": ro.pos, "mask": ro.mask, "advantages": adv}, opt,
+    out = update(policy, None, ro.batch(adv), opt,
                  micro_batch=4, ppo_epochs=1, temperature=1.0, beta=0.0, clip_eps=0.2, grad_clip=1.0)
     assert torch.isfinite(torch.tensor(out["loss"])) and out["tokens"] == float(ro.mask.sum())
 

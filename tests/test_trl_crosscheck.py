@@ -79,7 +79,7 @@ def batch(tiny_dir):
     task = ParityTask()
     convs = [reflection_context(task, ex, attempt) + [{"role": "assistant", "content": REFLECTIONS[i]}]
              for i, (ex, attempt) in enumerate(f for f in FAILURES for _ in range(G))]
-    ids, pos, mask = build_batch(tok, convs, pad_id=end_of_turn_id(tok))
+    ids, pos, mask, _ = build_batch(tok, convs, pad_id=end_of_turn_id(tok))
     return tok, ids, pos, mask, torch.tensor(REWARDS)
 
 

@@ -29,17 +29,15 @@ class ParityTask:
 
 
 class SkewedTask:
-    """Example i is right (whatever the text) by its index: train query i iff i < 4 (the failure build gives
-    rank r of 2 the contiguous half r: rank 0 solves all, rank 1 none); test example i iff i is even (the
-    evaluation gives rank r every 2nd example from r: the same split by rank). With TOY_HANG_RANK=r in the
+    """Example i of either split is right (whatever the text) iff i < 4: the failure build and the evaluation
+    give rank r of 2 the contiguous half r, so rank 0 solves all its queries, rank 1 none. With TOY_HANG_RANK=r in the
     environment, rank r hangs in an evaluation (a rank that never comes): at its verify of a held-out
     example after the first TOY_HANG_AFTER (default 0)."""
     name = "skewed"
     reflection_prompt = "You failed. Reflect."
 
     def examples(self, split):
-        ok = (lambda i: i < 4) if split == "train" else (lambda i: i % 2 == 0)
-        return [{"q": f"Say something, {i}.", "ok": ok(i), "split": split} for i in range(8)]
+        return [{"q": f"Say something, {i}.", "ok": i < 4, "split": split} for i in range(8)]
 
     def prompt(self, ex):
         return [{"role": "user", "content": ex["q"]}]

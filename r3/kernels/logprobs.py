@@ -5,7 +5,8 @@ GRPO in R3 needs log p(target) only at the reflection tokens (the mask). The nai
 before any gradient. This file, in the order of the Triton fused-softmax tutorial and Liger's first
 cross-entropy kernel:
 
-1. `logprobs_reference`: the torch definition every other path is tested against.
+1. `logprobs_reference`: the torch definition every other path is tested against; beside it
+   `trl_selective_log_softmax`, TRL's way, which the benches compare with.
 2. `_logprobs_fwd_kernel`: one Triton program per row; online max / sum-exp over V in blocks; writes
    log p(target) and the row's log-sum-exp (lse); masked rows return at once.
 3. `_logprobs_bwd_kernel`: grad_logits = mask * g * (onehot(target) - softmax(logits / T)) / T from the
@@ -28,6 +29,7 @@ There is no vocabulary-parallel (tensor-parallel) variant and no autotuning of B
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -43,6 +45,20 @@ def logprobs_reference(logits, targets, mask, temperature=1.0):
     """log_softmax(logits / T)[target] * mask in fp32: logits (N, V), targets (N,), mask (N,) -> (N,)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
+
+
+def trl_selective_log_softmax(logits, index):
+    """TRL's `selective_log_softmax` (trl/trainer/utils.py, as GRPOTrainer calls it), restated so the benches
+    compare against it without installing TRL: logits (B, T, V), index (B, T) -> log_softmax(logits)[index]
+    (B, T), full logits in, a loop over rows to bound the peak. It neither divides by a temperature nor masks."""
+    if logits.dtype in (torch.float32, torch.float64):
+        selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # loop to cut peak memory
+        return selected - lse
+    rows = []  # TRL: logsumexp is unstable in bf16, so a per-row log_softmax instead
+    for row_logits, row_index in zip(logits, index):
+        rows.append(F.log_softmax(row_logits, dim=-1).gather(-1, row_index.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(rows)
 
 
 # ---------------------------------------------------------------------------------------- 2. forward
