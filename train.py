@@ -48,7 +48,7 @@ class TrainConfig:
     # method, model and data
     method: str = "r3"  # "r3" (the paper: loss on reflections), "r3_retry" (reflections + retries), "grpo" (plain GRPO)
     model: str = "default"  # "default" (SmolLM2-135M-Instruct, fetched from PyPI) or an HF model directory
-    task: str = "countdown_easy"  # countdown, countdown3, countdown4, countdown_easy, bfcl, xlam; or module:Class
+    task: str = "countdown_easy_sum3shot"  # a preset (r3/tasks/__init__.py: countdown*, bfcl, xlam) or module:Class
     task_data: str = ""  # data file for tasks that read one (xlam; countdown from a JSONL/parquet file)
     task_options: str = ""  # task options overriding its preset, e.g. "n_numbers=2,max_number=10"
     failures: str = ""  # failures JSONL from `sample.py failures`; empty: build it at start
@@ -67,7 +67,7 @@ class TrainConfig:
     max_reflection_tokens: int = 64  # max new tokens of a reflection (sample.py's default too)
     # optimisation
     steps: int = 28  # training steps (a step whose groups all have zero reward variance takes no update)
-    lr: float = 1e-5  # AdamW peak learning rate (TRL's default then was 1e-6; 1e-5 moves a 135M model within the default run)
+    lr: float = 5e-5  # AdamW peak learning rate (TRL's default then was 1e-6; at 135M 1e-5 moved nothing in 28 steps)
     warmup_steps: int = 4  # linear learning-rate warm-up
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm

@@ -164,7 +164,7 @@ def test_generated_problems_are_solvable_by_their_own_solution():
 
 @pytest.mark.parametrize("name,sizes,max_number,max_target", [
     ("countdown3", {3}, 99, 100), ("countdown4", {4}, 99, 100), ("countdown_easy", {2}, 20, 40),
-    ("countdown2", {2}, 50, 100), ("countdown_sum3shot", {2}, 40, 80),
+    ("countdown2", {2}, 50, 100), ("countdown_sum3shot", {2}, 40, 80), ("countdown_easy_sum3shot", {2}, 20, 40),
 ])
 def test_presets_respect_their_difficulty(name, sizes, max_number, max_target):
     examples = get_task(name, num_examples=300).examples("train")
@@ -368,3 +368,14 @@ def test_hint_names_the_operations_and_the_answer_spells_a_verified_equation():
         assert ("subtraction" in hint) == ("-" in ex["solution"]) and ("addition" in hint) == ("+" in ex["solution"])
         assert verify_equation(answer.rsplit("is ", 1)[1].rstrip("."), ex["nums"], ex["target"])
     assert task.hint({"nums": [1, 2], "target": 3}) is None and task.answer({"nums": [1, 2], "target": 3}) is None
+
+
+def test_the_main_jobs_preset_is_countdown_easy_after_the_three_number_sum():
+    """countdown_easy_sum3shot = countdown_easy's problems and the mismatched one-shot, with enough training
+    problems for the main job's 128 queries and disjoint val / test splits."""
+    task, easy = get_task("countdown_easy_sum3shot"), get_task("countdown_easy", oneshot_numbers=3, oneshot_ops="+")
+    train, val, test = (task.examples(s) for s in ("train", "val", "test"))
+    assert len(train) >= 128 and len(val) == 100 and len(test) >= 120
+    ids = [{e["id"] for e in split} for split in (train, val, test)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert task.prompt(test[0]) == easy.prompt(test[0]) and task.prompt(test[0])[1]["content"] == "4 + 9 + 3"

@@ -55,9 +55,9 @@ REGISTRY = {
     "countdown": ("countdown", "Countdown", {"n_numbers": (3, 4), "max_number": 99, "max_target": 100}),
     "countdown3": ("countdown", "Countdown", {"n_numbers": 3, "max_number": 99, "max_target": 100}),
     "countdown4": ("countdown", "Countdown", {"n_numbers": 4, "max_number": 99, "max_target": 100}),
-    # The main job's default: chosen by measurement (bench/step0_signal.py, bench/RESULTS.md) as a setting
-    # where SmolLM2-135M-Instruct fails often but not always, so GRPO groups have reward variance (28% of
-    # groups with the matched one-shot example). NOTE: its held-out split has only 40 problems.
+    # Chosen by measurement (bench/step0_signal.py, bench/RESULTS.md) as a setting where SmolLM2-135M-Instruct
+    # fails often but not always (28% of step-0 groups with reward variance, matched one-shot); it learned
+    # nothing in 28 steps. NOTE: its held-out split has only 40 problems.
     "countdown_easy": ("countdown", "Countdown", {"n_numbers": 2, "max_number": 20, "max_target": 40, "ops": "+-"}),
     # countdown_easy's shape with numbers 1-50 and a fifth of the problems held out: 1,988 train and 506
     # held-out problems (issue 14). Chosen by measurement (bench/step0_signal.py, bench/RESULTS.md): 31% of
@@ -71,6 +71,12 @@ REGISTRY = {
     "countdown_sum3shot": ("countdown", "Countdown", {"n_numbers": 2, "max_number": 40, "max_target": 80,
                                                       "ops": "+-", "test_fraction": 0.3, "val_examples": 200,
                                                       "oneshot_numbers": 3, "oneshot_ops": "+"}),
+    # The main job's default: countdown_easy's numbers (1-20, targets <= 40) after the same mismatched one-shot:
+    # a third term appended to many answers, the error R3 visibly fixes at 135M within 28 steps at lr 5e-5
+    # (bench/RESULTS.md). 123 held-out problems; the last 100 training problems are its validation split.
+    "countdown_easy_sum3shot": ("countdown", "Countdown", {"n_numbers": 2, "max_number": 20, "max_target": 40,
+                                                           "ops": "+-", "test_fraction": 0.3, "val_examples": 100,
+                                                           "oneshot_numbers": 3, "oneshot_ops": "+"}),
     "xlam": ("function_calling", "XLAM", {}),
     "bfcl": ("bfcl", "BFCL", {}),
 }
