@@ -1,6 +1,6 @@
 """Sampling jobs: the failure set for training, the paper's evaluation, the R3 cycle on one problem.
 
-    python sample.py failures --task=countdown_easy --num_examples=256 --attempts=4 --out=failures.jsonl
+    python sample.py failures --task=countdown_easy_sum3shot --num_examples=128 --attempts=4 --out=failures.jsonl
     python sample.py eval --task=countdown3 --num_examples=200 --out=eval.json [--model=runs/r3/final]
     python sample.py demo [--task=countdown3] [--model=runs/r3/final]    # attempt, reflection, retry
 
@@ -38,7 +38,7 @@ from r3.tasks import task_from_flags
 @dataclass
 class SampleConfig:
     model: str = "default"  # "default" (SmolLM2-135M-Instruct from PyPI) or an HF model directory
-    task: str = "countdown_easy"  # task name (r3/tasks) or module:Class
+    task: str = "countdown_easy_sum3shot"  # task name (r3/tasks; the main job's by default) or module:Class
     task_data: str = ""  # data file for tasks that read one (xlam, countdown from a file)
     task_options: str = ""  # task options overriding its preset, e.g. "n_numbers=2,max_number=10"
     split: str = ""  # split to sample ("" : train for failures, test otherwise; BFCL also takes a category name)

@@ -5,7 +5,8 @@
     python bench/arms.py report                    # the table (markdown) and the plot, from the committed files alone
 
 Every trained arm uses train.py at the same budget: the same steps, G, learning rate and groups per step
-(train.py's defaults); only `--method` and `--seed` differ. Each trained model is then scored by
+(train.py's defaults, plus any flags given after `--`); only `--method` and `--seed` differ. The committed
+countdown2 grid (bench/arms/) ran at lr 1e-5, the default of then: `python bench/arms.py run -- --lr=1e-5`. Each trained model is then scored by
 `sample.py eval` on the whole held-out split (greedy: a first try, and on failure one reflection and one
 retry, docs/method.md section 7). The arms:
     untrained   the default model, eval only

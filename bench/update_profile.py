@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=190, help="shared tokens per group (the main job: about 190)")
     ap.add_argument("--reflection", type=int, default=65, help="masked tokens per row (64 + end-of-turn)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--real", action="store_true", help="a real batch of the main job's task instead (see above)")
+    ap.add_argument("--real", action="store_true", help="a real batch of countdown_easy instead (see above)")
     ap.add_argument("--flops_only", action="store_true", help="count FLOPs only, no timings")
     args = ap.parse_args()
     setup_cpu(args.threads)  # as train.py: the threads, and freed memory reused (r3/cpu.py)
