@@ -1,4 +1,4 @@
-"""Issue 14's experiment: R3 against the untrained model, plain GRPO, and R3 crediting reflection + retry.
+"""The arms experiment: R3 against the untrained model, plain GRPO, and R3 crediting reflection + retry.
 
     python bench/arms.py run                       # every missing run of the grid, one after another (hours on a CPU)
     python bench/arms.py run --only r3-s0          # one run

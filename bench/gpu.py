@@ -1,4 +1,4 @@
-"""Benchmark: the whole GPU path in one command, one JSON object and one markdown table (issue 15).
+"""Benchmark: the whole GPU path in one command, one JSON object and one markdown table.
 
 Runs from a plain checkout (`PYTHONPATH=. python bench/gpu.py --json --out gpu.json`) on one CUDA GPU
 with torch >= 2.6, triton and transformers and nothing else: no weights are fetched, both models are

@@ -11,7 +11,7 @@ beta, clip, micro-batch and gradient clipping. Gradient checkpointing is off on 
        context encoded once per forward), and glibc's malloc set to reuse freed memory as train.py sets it
        (r3/cpu.py; the TRL process keeps glibc's defaults).
        The update always runs; train.py skips it when every group has zero reward variance.
-  r3_per_row: the same with shared_prefix off (every row forwarded whole): what issue 13's update saves.
+  r3_per_row: the same with shared_prefix off (every row forwarded whole): what the shared-prefix update saves.
   TRL: GRPOTrainer as the paper extended it (docs/method.md section 3): the dataset prompt is the reflection
        context user(task) / assistant(failed attempt) / user(reflection prompt), so the GRPO completion is
        the reflection and the loss covers only its tokens (TRL's completion mask); the reward function

@@ -1,6 +1,6 @@
-"""Where the time of one GRPO update goes, with the shared prefix and without (issue 13's 2.5x goal).
+"""Where the time of one GRPO update goes, with the shared prefix and without (its goal: 2.5x).
 
-On the default model (fp32, CPU) and one synthetic R3 batch shaped like the main job's (4 groups of G=8
+On the default model (fp32, CPU) and one synthetic R3 batch shaped like train.py's (4 groups of G=8
 rows; every row of a group holds the same `--context` tokens, then its own `--reflection` tokens, all of
 them masked), or with `--real` one real batch (failed first attempts at countdown_easy's training queries,
 4 of them x G=8 reflections and retries, rolled out by r3's own code at train.py's defaults), it times
@@ -139,7 +139,7 @@ def real_batch(policy, tok) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--context", type=int, default=190, help="shared tokens per group (the main job: about 190)")
+    ap.add_argument("--context", type=int, default=190, help="shared tokens per group (countdown_easy: about 190)")
     ap.add_argument("--reflection", type=int, default=65, help="masked tokens per row (64 + end-of-turn)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--real", action="store_true", help="a real batch of countdown_easy instead (see above)")

@@ -1,4 +1,4 @@
-"""bench/arms.py (issue 14's experiment): the report is rebuilt from the committed per-run files alone.
+"""bench/arms.py (the arms experiment): the report is rebuilt from the committed per-run files alone.
 
 Proves: the exact McNemar p-value equals a brute-force sum over all outcomes of the discordant pairs; the
 report reads synthetic runs (eval.jsonl, metrics.jsonl, run.json) from a folder, names the runs that are

@@ -198,7 +198,7 @@ def test_splits_are_disjoint_and_deterministic_by_seed():
 
 
 def test_countdown2_holds_out_at_least_400_problems_none_of_them_in_train():
-    """Issue 14: the held-out split of the main job's task has 40 problems, too few to tell runs apart."""
+    """countdown_easy holds out 40 problems, too few to tell runs apart; countdown2 holds out >= 400."""
     task = get_task("countdown2")
     key = lambda e: (tuple(sorted(e["nums"])), e["target"])  # noqa: E731
     train, test = [key(e) for e in task.examples("train")], [key(e) for e in task.examples("test")]
@@ -242,7 +242,7 @@ def shown_example(task, example) -> tuple[list[int], int, str]:
                          ids=["preset", "sizes-2-to-5", "ops+", "ops-*", "ops/"])
 @pytest.mark.parametrize("name", COUNTDOWN_PRESETS)
 def test_oneshot_example_matches_each_problem_and_verifies(name, options):
-    """Issue 14: a 3-number sum shown before 2-number problems made the model append its last term."""
+    """A 3-number sum shown before 2-number problems made the model append its last term."""
     task = get_task(name, num_examples=200, **options)
     ops = task.ops
     seen_sizes = set()

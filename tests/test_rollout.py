@@ -7,7 +7,7 @@ and samples) and every prompt decoded and compared with the tokenizer's own chat
   is that conversation + assistant(reflection) + user(the question re-asked: only the prompt's last turn);
   G reflections per failure, one retry each (continuing its reflection's KV cache), group g = rows
   g*G .. g*G+G-1; rewards are the verifier's verdicts on the retries;
-- exact tokens (issue 13.3): a training row holds the ids the sampler returned, also where decoding and
+- exact tokens: a training row holds the ids the sampler returned, also where decoding and
   re-encoding them gives other ids, and the policy's log-probs of the masked tokens equal those the
   sampler reported for them (1e-4) at the sampling temperature;
 - what each method's mask covers: "r3" the reflection + its end-of-turn; "r3_retry" also the retry + its

@@ -1,4 +1,4 @@
-"""The shared-prefix forward (issue 13) computes what the per-row forward computes.
+"""The shared-prefix forward computes what the per-row forward computes.
 
 Claims, each against the per-row path (`Transformer.forward` on whole rows, `sequence_logprobs`) as the
 independent reference, in fp32 within 1e-5 relative:

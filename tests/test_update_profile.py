@@ -1,5 +1,5 @@
 """bench/update_profile.py's FLOP count (`counted_flops`): the ceiling the shared-prefix update's speedup is
-judged against (issue 13), so it must count every matmul the update runs, and nothing twice.
+judged against, so it must count every matmul the update runs, and nothing twice.
 
 Proves, on a tiny random Llama (fp32, CPU) against closed forms from its config (P = weights in the
 decoder's linear layers, L layers, Hq heads of size D, vocab V, hidden H):

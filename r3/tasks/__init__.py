@@ -60,7 +60,7 @@ REGISTRY = {
     # nothing in 28 steps. NOTE: its held-out split has only 40 problems.
     "countdown_easy": ("countdown", "Countdown", {"n_numbers": 2, "max_number": 20, "max_target": 40, "ops": "+-"}),
     # countdown_easy's shape with numbers 1-50 and a fifth of the problems held out: 1,988 train and 506
-    # held-out problems (issue 14). Chosen by measurement (bench/step0_signal.py, bench/RESULTS.md): 31% of
+    # held-out problems. Chosen by measurement (bench/step0_signal.py, bench/RESULTS.md): 31% of
     # step-0 groups have reward variance (1-99 gave 12.5%, with 745 held out).
     "countdown2": ("countdown", "Countdown", {"n_numbers": 2, "max_number": 50, "max_target": 100, "ops": "+-",
                                               "test_fraction": 0.2}),

@@ -31,7 +31,7 @@ QUESTION = (
 # The worked example of the one-shot prompt, one per (count of numbers, operators): it has as many numbers as
 # the problem it follows and uses only the operators the task builds targets with. A 3-number sum shown
 # before 2-number problems made the default model append its last term ("a + b + 3") to 30 of 35 wrong
-# answers (issue 14). Hand-picked for the presets' shapes; any other shape gets a generated one
+# answers. Hand-picked for the presets' shapes; any other shape gets a generated one
 # (oneshot_example). Examples are removed from the data by id, so one never shows a test answer.
 # NOTE: the 2-number +/- example is a sum. After "9 - 4" the default model's greedy answers used a number
 # not given (often the target) in 28 of 69 failures; after "4 + 9" every answer is "a + b" with the given
