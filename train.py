@@ -283,9 +283,9 @@ def main(cfg: TrainConfig) -> None:
                 row.update(skipped=True, loss=0.0)
             else:
                 row.update(update(policy, ref, ro.batch(adv, device), opt, micro_batch=cfg.micro_batch,
-                                  ppo_epochs=cfg.ppo_epochs, temperature=cfg.temperature, beta=cfg.beta, clip_eps=cfg.clip_eps,
-                                  grad_clip=cfg.grad_clip, world=world, group_size=cfg.group_size,
-                                  shared_prefix=cfg.shared_prefix))
+                                  ppo_epochs=cfg.ppo_epochs, temperature=cfg.temperature, beta=cfg.beta,
+                                  clip_eps=cfg.clip_eps, grad_clip=cfg.grad_clip, world=world,
+                                  group_size=cfg.group_size, shared_prefix=cfg.shared_prefix))
                 sched.step()
             step += 1
             row.update(rollout_s=round(t_rollout, 2), step_s=round(time.time() - t0, 2))

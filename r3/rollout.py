@@ -57,8 +57,12 @@ class Rollout:
     context_lens: torch.Tensor  # (N,) int64: tokens before the row's first trained one, equal within a group
     rewards: torch.Tensor  # (N,) float32 in {0, 1}
     texts: list[dict]  # per row, for logging: reflection, retry, reward (grpo_rollout: attempt, reward)
-    sampled_tokens: int = 0  # tokens the sampler generated for this batch (reflections + retries, or attempts)
     sampling: dict = field(default_factory=dict)  # per generate call kind: {kind}_s seconds and {kind}_tokens sampled
+
+    @property
+    def sampled_tokens(self) -> int:
+        """Tokens the sampler generated for this batch (reflections + retries, or attempts)."""
+        return sum(v for k, v in self.sampling.items() if k.endswith("_tokens"))
 
     def batch(self, advantages: torch.Tensor, device=None) -> dict:
         """What r3.grpo.update takes: ids, pos, mask, context_lens and the rows' advantages, on `device`."""
@@ -202,7 +206,7 @@ def rollout(model, tok, task, failures: list[dict], *, group_size: int, max_refl
     return Rollout(ids=ids, pos=pos, mask=mask, context_lens=context_lens,
                    rewards=torch.tensor([r.reward for r in rows]),
                    texts=[{"reflection": r.reflection_text, "retry": r.retry_text, "reward": r.reward} for r in rows],
-                   sampled_tokens=sampling["reflection_tokens"] + sampling["retry_tokens"], sampling=sampling)
+                   sampling=sampling)
 
 
 def grpo_rollout(model, tok, task, examples: list[dict], *, group_size: int, max_new_tokens: int, temperature: float,
@@ -219,8 +223,7 @@ def grpo_rollout(model, tok, task, examples: list[dict], *, group_size: int, max
     ids, pos, mask, context_lens = pack_rows([[(prompts[i // G], False), (_turn(s, eot), True)]
                                               for i, s in enumerate(samples)], eot)
     return Rollout(ids=ids, pos=pos, mask=mask, context_lens=context_lens, rewards=torch.tensor(rewards),
-                   texts=[{"attempt": y, "reward": r} for y, r in zip(attempts, rewards)],
-                   sampled_tokens=sampling["attempt_tokens"], sampling=sampling)
+                   texts=[{"attempt": y, "reward": r} for y, r in zip(attempts, rewards)], sampling=sampling)
 
 
 def collect_failures(model, tok, task, examples: list[dict], *, attempts: int, max_per_example: int,

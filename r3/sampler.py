@@ -48,19 +48,19 @@ across calls as nano-vllm's block table has).
 Reproducibility: every sample draws from a random stream of its own, one uniform per token, seeded by
 its prompt's seed and its index among that prompt's n samples (r3/seeds.py: derive_seed). `seed` is one
 int (prompt p gets derive_seed(seed, p)) or one int per prompt. With per-prompt seeds that the caller keys
-by something other than the position in the call (train.py: the failure's index in the step's global batch), a
-sample does not depend on the other prompts of the call, their order or the batch size, so one process
-and N ranks splitting the same prompts draw the same samples (tests/test_torchrun.py), up to last-bit
-differences of differently shaped matmuls (greedy output is checked exactly in tests/test_sampler.py).
+by something other than the position in the call (train.py: the failure's index in the step's global
+batch), a sample does not depend on the other prompts of the call, their order or the batch size, so one
+process and N ranks splitting the same prompts draw the same samples (tests/test_torchrun.py), up to
+last-bit differences of differently shaped matmuls (greedy output is checked exactly in tests/test_sampler.py).
 
 FSDP2: the call runs under torch.no_grad() (not inference_mode: parameters FSDP gathers there would
 become inference tensors that the next training step cannot use), and a sharded model only inside the
 caller's `r3.dist.unsharded(model)`, which gathers the full weights once for a whole stretch of calls:
-the call itself issues no collective, so ranks may make different numbers of calls (r3/dist.py).
-Memory while sampling, per rank: the full parameters in the compute dtype (about 1x the model) on top of the shards, plus the
-KV cache, 2 * layers * N * S * Hkv * D elements (default 135M model, N=64, S=384: 1.1 GB in fp32), plus
-a transient copy of one layer's live part when rows are copied or compacted, plus a few (N, V) fp32 tensors
-per step (logits, probabilities, their cumsum) and the activations of one prefill batch.
+the call itself issues no collective, so ranks may make different numbers of calls (r3/dist.py). Memory
+while sampling, per rank: the full parameters in the compute dtype (about 1x the model) on top of the
+shards, plus the KV cache, 2 * layers * N * S * Hkv * D elements (default 135M model, N=64, S=384: 1.1 GB
+in fp32), plus a transient copy of one layer's live part when rows are copied or compacted, plus a few
+(N, V) fp32 tensors per step (logits, probabilities, their cumsum) and the activations of one prefill batch.
 
 NOTE: compile=True is untested with an FSDP-wrapped policy (train.py never sets it), and the
 static caches stay allocated for the life of the process (STATIC_CACHES.clear() frees them).
