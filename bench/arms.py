@@ -3,20 +3,26 @@
     python bench/arms.py run                       # every missing run of the grid, one after another (hours on a CPU)
     python bench/arms.py run --only r3-s0          # one run
     python bench/arms.py report                    # the table (markdown) and the plot, from the committed files alone
+    python bench/arms.py run --task=countdown2 -- --lr=1e-5   # the committed countdown2 grid (bench/arms/countdown2/)
 
-Every trained arm uses train.py at the same budget: the same steps, G, learning rate and groups per step
-(train.py's defaults, plus any flags given after `--`); only `--method` and `--seed` differ. The committed
-countdown2 grid (bench/arms/) ran at lr 1e-5, the default of then: `python bench/arms.py run -- --lr=1e-5`. Each trained model is then scored by
-`sample.py eval` on the whole held-out split (greedy: a first try, and on failure one reflection and one
-retry, docs/method.md section 7). The arms:
+Every trained arm is train.py at the same budget: the same steps, G, learning rate and groups per step
+(train.py's defaults, plus any flags given after `--`), on --task (train.py's default task unless given);
+only `--method` and `--seed` differ, so the r3 arm at seed 0 is README's main job. Each trained model is then
+scored by `sample.py eval` on the whole held-out split (greedy: a first try, and on failure one reflection and
+one retry, docs/method.md section 7), and on the first --transfer_examples problems of --transfer's held-out
+split (countdown2 by default: the clean two-number prompt), which tells whether a model learned to fix its
+error or only its training prompt. The arms:
     untrained   the default model, eval only
     r3          --method=r3        the paper: GRPO on the reflection tokens only
     grpo        --method=grpo      plain GRPO: G first attempts per training query, loss on the attempt tokens
     r3_retry    --method=r3_retry  R3 whose loss also credits the retry tokens
-What each run leaves under bench/arms/<arm>-s<seed>/ (small, committed): eval.jsonl (one row per held-out
-problem: index, first, second, reflection length), metrics.jsonl (train.py's rows: per-step statistics and
-the periodic held-out evaluations that the plot draws), run.json (commands, wall time, sampled tokens, machine).
-A run whose eval.jsonl exists is done and is skipped; models and checkpoints stay under runs/arms/ (not committed).
+What each run leaves under bench/arms/<task>/<arm>-s<seed>/ (small, committed): eval.jsonl (one row per
+held-out problem: index, first, second, reflection length), transfer.jsonl (the same rows on --transfer),
+metrics.jsonl (train.py's rows: per-step statistics and the periodic held-out evaluations that the plot
+draws), run.json (commands, wall time, sampled tokens, machine). A run whose eval.jsonl exists is done and is
+skipped; models and checkpoints stay under runs/arms/<task>/ (not committed). `--trained=DIR` scores a run
+that train.py already made in DIR (e.g. README's main job) instead of training it again, after checking
+that DIR's saved config is the one this run would use.
 
 It does not: run arms in parallel (two CPU jobs on two cores distort both), or tune anything per arm.
 """
@@ -38,10 +44,8 @@ sys.path.insert(0, str(ROOT))
 from r3.jsonl import read_jsonl, write_jsonl_atomic  # noqa: E402
 from r3.evaluate import wilson  # noqa: E402
 
-OUT = ROOT / "bench" / "arms"
+ARMS = ROOT / "bench" / "arms"  # one folder per task: bench/arms/<task>/<run>/
 SEEDS = {"r3": [0, 1, 2], "grpo": [0, 1, 2], "r3_retry": [0, 1]}
-EVAL_EVERY = 7  # train.py's periodic held-out evaluation, every N steps (the plot's points)
-EVAL_EXAMPLES = 128  # held-out problems in each periodic evaluation (the final eval uses the whole split)
 
 
 def runs() -> list[tuple[str, str, int | None]]:
@@ -64,38 +68,77 @@ def sh(cmd: list[str], log: Path) -> None:
         sys.exit(f"error: {' '.join(cmd[:4])} ... exited {r.returncode}; see {log}")
 
 
+def train_flags(arm: str, seed: int, work: Path, args) -> list[str]:
+    return [f"--method={arm}", f"--seed={seed}", f"--out_dir={work}", f"--task={args.task}"] + args.extra
+
+
+def check_trained(trained: Path, flags: list[str], nproc: int) -> list[dict]:
+    """DIR of a finished train.py run -> its metrics rows, after checking that its saved config is the one
+    `flags` give at `nproc` ranks (the output folder and the fields a resume may change aside)."""
+    from r3.cli import parse_flags
+    from r3.checkpoint import latest_checkpoint
+    from train import RESUMABLE_CHANGES, TrainConfig
+
+    ckpt = latest_checkpoint(trained)
+    if ckpt is None or not (trained / "final" / "config.json").exists():
+        sys.exit(f"error: --trained={trained}: no checkpoint or no final/ model there")
+    saved = json.loads((ckpt / "config.json").read_text())
+    want = vars(parse_flags(TrainConfig, flags)) | {"world_size": nproc}
+    differ = [k for k in want if k not in RESUMABLE_CHANGES | {"out_dir"} and saved.get(k) != want[k]]
+    if differ or saved.get("steps") != want["steps"] or f"step_{want['steps']:06d}" != ckpt.name:
+        sys.exit(f"error: --trained={trained} is not this run: {[(k, saved.get(k), want[k]) for k in differ]}, "
+                 f"last checkpoint {ckpt.name}")
+    return read_jsonl(trained / "metrics.jsonl")
+
+
+def scored(model: str, task: str, n: int, work: Path, name: str, args, commands: list) -> list[dict]:
+    """`sample.py eval` of `model` on the first n problems of `task`'s held-out split -> per-problem rows."""
+    out = work / f"{name}.json"
+    ev = [sys.executable, "sample.py", "eval", f"--model={model}", f"--task={task}", f"--num_examples={n}",
+          f"--out={out}", f"--threads={args.threads}"]
+    sh(ev, work / "log.txt")
+    commands.append(ev)
+    return [{"i": i, "first": bool(r["first"]), "second": bool(r["second"]),
+             "reflection_chars": len(r.get("reflection", ""))} for i, r in enumerate(json.loads(out.read_text())["rows"])]
+
+
 def run_one(name: str, arm: str, seed: int | None, args) -> None:
-    dest, work = OUT / name, ROOT / "runs" / "arms" / name
+    dest, work = ARMS / args.task / name, ROOT / "runs" / "arms" / args.task / name
     if (dest / "eval.jsonl").exists():
         print(f"{name}: done, skipped")
         return
     work.mkdir(parents=True, exist_ok=True)
-    py, log = sys.executable, work / "log.txt"
-    t0, commands = time.time(), []
-    model = "default"
+    t0, commands, metrics, model, trained_in = time.time(), [], [], "default", None
     if arm != "untrained":
-        train = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "train.py",
-                 f"--method={arm}", f"--seed={seed}", f"--out_dir={work}", f"--eval_every={EVAL_EVERY}",
-                 f"--eval_examples={EVAL_EXAMPLES}", f"--task={args.task}"] + args.extra
-        sh(train, log)  # resumes by itself when a checkpoint is there
-        commands.append(train)
-        model = str(work / "final")
-    t_train = time.time() - t0
-    ev = [py, "sample.py", "eval", f"--model={model}", f"--task={args.task}", "--num_examples=1000000",
-          f"--out={work / 'eval.json'}", f"--threads={args.threads}"]
-    sh(ev, log)
-    commands.append(ev)
-    result = json.loads((work / "eval.json").read_text())
+        flags = train_flags(arm, seed, work, args)
+        if args.trained:  # made by an earlier train.py run with the same config: scored, not trained again
+            trained_in = Path(args.trained).resolve()
+            metrics = check_trained(trained_in, flags, args.nproc)
+            model = str(trained_in / "final")
+        else:
+            train = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                     "train.py"] + flags
+            sh(train, work / "log.txt")  # resumes by itself when a checkpoint is there
+            commands.append(train)
+            metrics, model = read_jsonl(work / "metrics.jsonl"), str(work / "final")
+    # the training's wall time; of a --trained run, train.py's own step and evaluation seconds (a lower bound)
+    t_train = sum(m.get("step_s", 0) + m.get("eval_s", 0) for m in metrics) if trained_in else time.time() - t0
+    t0 = time.time()
+    rows = scored(model, args.task, 1_000_000, work, "eval", args, commands)
+    transfer = args.transfer if args.transfer not in ("", args.task) else ""
+    if transfer:
+        transfer_rows = scored(model, transfer, args.transfer_examples, work, "transfer", args, commands)
     dest.mkdir(parents=True, exist_ok=True)
-    rows = [{"i": i, "first": bool(r["first"]), "second": bool(r["second"]),
-             "reflection_chars": len(r.get("reflection", ""))} for i, r in enumerate(result["rows"])]
-    metrics = read_jsonl(work / "metrics.jsonl") if (work / "metrics.jsonl").exists() else []
     if metrics:
         write_jsonl_atomic(dest / "metrics.jsonl", metrics)
+    if transfer:
+        write_jsonl_atomic(dest / "transfer.jsonl", transfer_rows)
     (dest / "run.json").write_text(json.dumps({
         "arm": arm, "seed": seed, "task": args.task, "commands": [" ".join(c[1:]) for c in commands],
-        "train_s": round(t_train, 1), "wall_s": round(time.time() - t0, 1),
+        "trained_in": str(trained_in) if trained_in else None, "train_s": round(t_train, 1),
+        "wall_s": round(t_train + time.time() - t0, 1),
         "sampled_tokens": int(sum(m.get("sampled_tokens", 0) for m in metrics)),
+        "transfer": {"task": transfer, "n": len(transfer_rows)} if transfer else None,
         "machine": f"{cpu_name()}, {os.cpu_count()} cores", "n": len(rows)}, indent=1) + "\n")
     write_jsonl_atomic(dest / "eval.jsonl", rows)  # last: its presence marks the run done
     print(f"{name}: first {sum(r['first'] for r in rows)}/{len(rows)}, second {sum(r['second'] for r in rows)}/{len(rows)}")
@@ -112,14 +155,15 @@ def mcnemar(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
     return n10, n01, p
 
 
-def load() -> dict:
+def load(out: Path) -> dict:
     done = {}
     for name, arm, seed in runs():
-        d = OUT / name
+        d = out / name
         if (d / "eval.jsonl").exists():
             done[name] = {"arm": arm, "seed": seed, "rows": read_jsonl(d / "eval.jsonl"),
                           "run": json.loads((d / "run.json").read_text()),
-                          "metrics": read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []}
+                          "metrics": read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else [],
+                          "transfer": read_jsonl(d / "transfer.jsonl") if (d / "transfer.jsonl").exists() else []}
     return done
 
 
@@ -128,8 +172,9 @@ def pct(k: int, n: int) -> str:
     return f"{100 * k / n:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def report(args) -> None:
-    done = load()
+def report(out: Path) -> None:
+    """bench/arms/<task>/: its runs' files -> table.md and accuracy_vs_step.png there."""
+    done = load(out)
     missing = [n for n, _, _ in runs() if n not in done]
     print(f"runs in: {len(done)} of {len(runs())}" + (f"; missing: {', '.join(missing)}" if missing else " (complete)"))
     lines = ["| run | n | 1st try % [95% CI] | +reflection 2nd try % [95% CI] | sampled tokens | wall |",
@@ -168,11 +213,34 @@ def report(args) -> None:
                 lines.append(f"| {a_arm}-s{ra['seed']} vs {b_name} "
                              f"| {key} | {n10} | {n01} | {p:.3g} |")
     lines += by_solution_ops(done)
+    lines += transfer_table(done)
     lines += ["", "The paper's claims, at this scale (docs/method.md section 8):"] + claims(by_arm)
     text = "\n".join(lines)
     print(text)
-    (OUT / "table.md").write_text(text + "\n")
-    plot(by_arm, OUT / "accuracy_vs_step.png")
+    (out / "table.md").write_text(text + "\n")
+    plot(by_arm, out / "accuracy_vs_step.png")
+
+
+def transfer_table(done: dict) -> list[str]:
+    """Each run on the transfer task (the first n problems of its held-out split), paired with the untrained
+    model on the same problems. Empty where no run has transfer rows."""
+    have = {name: r for name, r in done.items() if r["transfer"]}
+    if not have:
+        return []
+    task = next(iter(have.values()))["run"]["transfer"]["task"]
+    base = have.get("untrained")
+    lines = ["", f"On `{task}` (the first problems of its held-out split; paired with the untrained model there):", "",
+             "| run | n | 1st try % | 2nd try % | 2nd try vs untrained: A right B wrong / A wrong B right, p |",
+             "|---|---|---|---|---|"]
+    for name, r in have.items():
+        t, n = r["transfer"], len(r["transfer"])
+        cell = "-"
+        if base is not None and name != "untrained" and len(base["transfer"]) == n:
+            n10, n01, p = mcnemar([x["second"] for x in t], [x["second"] for x in base["transfer"]])
+            cell = f"{n10} / {n01}, p={p:.3g}"
+        lines.append(f"| {name} | {n} | {pct(sum(x['first'] for x in t), n)} | {pct(sum(x['second'] for x in t), n)} "
+                     f"| {cell} |")
+    return lines
 
 
 def by_solution_ops(done: dict) -> list[str]:
@@ -238,20 +306,22 @@ def plot(by_arm: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     base = by_arm.get("untrained", [None])[0]
+    # the periodic evaluations' size (train.py's --eval_examples; step 0 of a run, when it has one, is skipped)
+    n_periodic = next((m["eval_n"] for rs in by_arm.values() for r in rs for m in r["metrics"] if "eval_n" in m), 0)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for ax, key, title in zip(axes, ("eval_first", "eval_second"), ("1st try", "+reflection 2nd try")):
         for arm, rs in by_arm.items():
             if arm == "untrained":
                 continue
-            steps = sorted({m["step"] for r in rs for m in r["metrics"] if key in m})
+            steps = sorted({m["step"] for r in rs for m in r["metrics"] if key in m and m["step"] > 0})
             per_step = [[m[key] for r in rs for m in r["metrics"] if m.get("step") == s and key in m] for s in steps]
-            if base is not None:  # step 0: the untrained model on the same first EVAL_EXAMPLES problems
-                rows = base["rows"][:EVAL_EXAMPLES]
+            if base is not None:  # step 0: the untrained model on the same first n problems
+                rows = base["rows"][:n_periodic]
                 steps, per_step = [0] + steps, [[sum(x[key[5:]] for x in rows) / len(rows)]] + per_step
             mean = [100 * sum(v) / len(v) for v in per_step]
             ax.plot(steps, mean, marker=".", label=f"{arm} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
             ax.fill_between(steps, [100 * min(v) for v in per_step], [100 * max(v) for v in per_step], alpha=0.2)
-        ax.set_title(f"held-out {title} (first {EVAL_EXAMPLES} problems)")
+        ax.set_title(f"held-out {title} (first {n_periodic} problems)")
         ax.set_xlabel("training step")
     lo, hi = axes[0].get_ylim()  # at least 10 points of axis: a 1-point change should look like one
     if hi - lo < 10:
@@ -267,23 +337,33 @@ def plot(by_arm: dict, png: Path) -> None:
 
 
 def main() -> None:
+    from train import TrainConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("job", choices=["run", "report"])
     ap.add_argument("--only", default="", help="comma-separated run names (e.g. r3-s0,grpo-s0); default: all missing")
-    ap.add_argument("--task", default="countdown2", help="the task every arm trains and is scored on (countdown2: "
-                    "506 held-out problems; countdown_easy has 40)")
-    ap.add_argument("--nproc", type=int, default=1, help="torchrun ranks per training run (on 2 cores one rank with 2 "
-                    "threads is faster than 2 ranks with 1: 40.8 vs 61.0 s per step, bench/RESULTS.md)")
+    ap.add_argument("--task", default=TrainConfig.task, help="the task every arm trains and is scored on "
+                    "(train.py's default: README's main job)")
+    ap.add_argument("--transfer", default="countdown2", help="a second task every model is scored on, untrained "
+                    "(\"\": none; skipped when it is --task)")
+    ap.add_argument("--transfer_examples", type=int, default=128, help="problems of --transfer's held-out split")
+    ap.add_argument("--nproc", type=int, default=2, help="torchrun ranks per training run (2: README's main job; "
+                    "the countdown2 grid ran with 1, one rank of 2 threads: 40.8 vs 61.0 s per step there)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the final evaluation")
+    ap.add_argument("--trained", default="", help="with --only=ONE_RUN: score the finished train.py run in this "
+                    "folder instead of training it (its saved config must be this run's)")
     ap.add_argument("extra", nargs="*", help="more train.py flags, the same for every arm (after --)")
     args = ap.parse_args()
+    out = ARMS / args.task
     if args.job == "report":
-        return report(args)
+        return report(out)
     only = set(filter(None, args.only.split(",")))
+    if args.trained and len(only) != 1:
+        sys.exit("error: --trained needs --only with one run name")
     for name, arm, seed in runs():
         if not only or name in only:
             run_one(name, arm, seed, args)
-    report(args)
+    report(out)
 
 
 if __name__ == "__main__":
