@@ -139,9 +139,10 @@ def _fingerprint(cfg: SampleConfig) -> dict:
 def evaluate(cfg: SampleConfig) -> dict:
     task, examples = check_config(cfg, "eval")
     model, tok = _load(cfg)
-    rows, counts = two_try_eval(model, tok, task, examples, cfg.max_attempt_tokens, cfg.max_reflection_tokens,
-                                0.0 if cfg.greedy else cfg.temperature, cfg.top_p, derive_seed(cfg.seed, "eval"),
-                                progress=True)
+    rows, counts = two_try_eval(model, tok, task, examples, max_attempt_tokens=cfg.max_attempt_tokens,
+                                max_reflection_tokens=cfg.max_reflection_tokens,
+                                temperature=0.0 if cfg.greedy else cfg.temperature, top_p=cfg.top_p,
+                                seed=derive_seed(cfg.seed, "eval"), progress=True)
     n = counts["n"]
     result = {"config": dataclasses.asdict(cfg), "model_dir": resolve_model(cfg.model), "n": n}
     print(f"{'task':<16}{'model':<40}{'n':>5}  {'1st try':>22}  {'+reflection 2nd try':>22}")
@@ -167,7 +168,8 @@ def demo(cfg: SampleConfig) -> dict:
     model, tok = _load(cfg)
     ex = examples[0]
     with torch.no_grad():
-        (row,), _ = two_try_eval(model, tok, task, [ex], cfg.max_attempt_tokens, cfg.max_reflection_tokens)
+        (row,), _ = two_try_eval(model, tok, task, [ex], max_attempt_tokens=cfg.max_attempt_tokens,
+                                 max_reflection_tokens=cfg.max_reflection_tokens)
         if row["first"]:  # the protocol stops here; reflect anyway, to show the whole cycle
             (r,) = reflect_and_retry(model, tok, task, [{"example": ex, "attempt": row["attempt"]}], group_size=1,
                                      max_reflection_tokens=cfg.max_reflection_tokens,

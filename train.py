@@ -199,8 +199,8 @@ def heldout_eval(policy, tok, task, cfg: TrainConfig, rank: int, world: int) -> 
     first eval_examples of --eval_split, as metrics fields; a collective: every rank calls it at the same step."""
     t0 = time.time()
     examples = task.examples(cfg.eval_split)[: cfg.eval_examples]
-    _, c = two_try_eval(policy, tok, task, examples, cfg.max_attempt_tokens, cfg.max_reflection_tokens, rank=rank,
-                        world=world)
+    _, c = two_try_eval(policy, tok, task, examples, max_attempt_tokens=cfg.max_attempt_tokens,
+                        max_reflection_tokens=cfg.max_reflection_tokens, rank=rank, world=world)
     return dict(eval_n=c["n"], eval_first=c["first"] / c["n"], eval_second=c["second"] / c["n"],
                 eval_s=round(time.time() - t0, 2))
 

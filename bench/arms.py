@@ -307,7 +307,8 @@ def plot(by_arm: dict, png: Path) -> None:
 
     base = by_arm.get("untrained", [None])[0]
     # the periodic evaluations' size (train.py's --eval_examples; step 0 of a run, when it has one, is skipped)
-    n_periodic = next((m["eval_n"] for rs in by_arm.values() for r in rs for m in r["metrics"] if "eval_n" in m), 0)
+    n_periodic = next((m["eval_n"] for rs in by_arm.values() for r in rs for m in r["metrics"] if "eval_n" in m),
+                      len(base["rows"]) if base else 0)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for ax, key, title in zip(axes, ("eval_first", "eval_second"), ("1st try", "+reflection 2nd try")):
         for arm, rs in by_arm.items():

@@ -16,7 +16,7 @@ import torch
 EVAL_CHUNK = 16  # examples per two_tries call (a sampled evaluation's example i draws from seed's item i)
 
 
-def two_try_eval(model, tok, task, examples: list[dict], max_attempt_tokens: int, max_reflection_tokens: int,
+def two_try_eval(model, tok, task, examples: list[dict], *, max_attempt_tokens: int, max_reflection_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, rank: int = 0, world: int = 1,
                  progress: bool = False) -> tuple[list[dict], dict]:
     """This rank's rows {first, second, attempt[, reflection, retry]} and the counts over all ranks
@@ -44,4 +44,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
         return 0.0, 0.0
     p = k / n
     centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    lo, hi = (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    # exactly 0 and 1 at the ends (rounding leaves them a hair off, e.g. -3e-17, printed as "-0.0")
+    return (0.0 if k == 0 else lo), (1.0 if k == n else hi)

@@ -4,7 +4,9 @@ Proves: the exact McNemar p-value equals a brute-force sum over all outcomes of 
 report reads synthetic runs (eval.jsonl, metrics.jsonl, run.json) from a folder, names the runs that are
 missing, pairs each r3 seed with the same GRPO seed, states the paper's claims with their numbers, and
 writes table.md and the accuracy-against-step plot; it counts right answers per kind of problem (the
-operators of the reference solution) as the task's held-out examples say.
+operators of the reference solution) as the task's held-out examples say; it pairs each run's transfer rows
+with the untrained model's; `--trained` accepts a finished train.py run only when its saved config is the
+run's own.
 """
 import itertools
 import json
@@ -42,13 +44,12 @@ def _run(root: Path, name: str, firsts: list[bool], seconds: list[bool], steps=(
 
 
 def test_report_rebuilds_table_claims_and_plot_from_the_run_files(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(arms, "OUT", tmp_path)
     n = 20
     _run(tmp_path, "untrained", [i < 2 for i in range(n)], [i < 3 for i in range(n)])
     for seed in (0, 1):
         _run(tmp_path, f"r3-s{seed}", [i < 8 + seed for i in range(n)], [i < 10 for i in range(n)])
     _run(tmp_path, "grpo-s0", [i < 6 for i in range(n)], [i < 6 for i in range(n)])
-    arms.report(None)
+    arms.report(tmp_path)
     out = capsys.readouterr().out
     assert "runs in: 4 of 9; missing: r3-s2, grpo-s1, grpo-s2, r3_retry-s0, r3_retry-s1" in out
     assert "| r3-s0 vs grpo-s0 | first | 2 | 0 |" in out  # r3-s0 right on problems 6-7, grpo-s0 wrong there
@@ -61,12 +62,57 @@ def test_report_rebuilds_table_claims_and_plot_from_the_run_files(tmp_path, monk
     for seed in (0, 1):
         _run(tmp_path / "weak", f"r3-s{seed}", [i < 5 for i in range(n)], [i < 6 for i in range(n)])
     _run(tmp_path / "weak", "untrained", [i < 2 for i in range(n)], [i < 3 for i in range(n)])
-    monkeypatch.setattr(arms, "OUT", tmp_path / "weak")
-    arms.report(None)
+    arms.report(tmp_path / "weak")
     assert "the first try improves although only reflections are rewarded: higher in every seed, but not " \
         "significant (paired p >= 0.05) (untrained 10.0%, r3 seeds 25.0% (p=0.25), 25.0% (p=0.25))" in \
         capsys.readouterr().out
     assert (tmp_path / "accuracy_vs_step.png").stat().st_size > 0
+
+
+def test_report_pairs_each_runs_transfer_rows_with_the_untrained_models(tmp_path, capsys):
+    n = 10
+    for name, seconds in (("untrained", [i < 2 for i in range(n)]), ("r3-s0", [i < 7 for i in range(n)])):
+        _run(tmp_path, name, [False] * n, [False] * n)
+        rows = [{"i": i, "first": False, "second": s, "reflection_chars": 5} for i, s in enumerate(seconds)]
+        (tmp_path / name / "transfer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / name / "run.json").write_text(json.dumps({"sampled_tokens": 0, "wall_s": 1.0,
+                                                              "transfer": {"task": "countdown2", "n": n}}))
+    arms.report(tmp_path)
+    out = capsys.readouterr().out
+    assert "On `countdown2`" in out
+    p = arms.mcnemar([i < 7 for i in range(n)], [i < 2 for i in range(n)])[2]
+    assert f"| r3-s0 | 10 | 0.0 [0.0, 27.8] | 70.0 [39.7, 89.2] | 5 / 0, p={p:.3g} |" in out
+
+
+def _finished_run(root: Path, config: dict, step: int) -> Path:
+    ckpt = root / "checkpoints" / f"step_{step:06d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    (ckpt / "done").write_text("")
+    (root / "final").mkdir()
+    (root / "final" / "config.json").write_text("{}")
+    (root / "metrics.jsonl").write_text(json.dumps({"step": step, "step_s": 3.0}) + "\n")
+    return root
+
+
+def test_trained_run_is_accepted_only_with_the_runs_own_config(tmp_path):
+    import dataclasses
+
+    from train import TrainConfig
+
+    class Args:
+        task, extra = "countdown_easy_sum3shot", []
+
+    flags = arms.train_flags("r3", 1, tmp_path / "elsewhere", Args)
+    config = dataclasses.asdict(TrainConfig(method="r3", seed=1, task=Args.task, out_dir="runs/r3")) | {"world_size": 2}
+    good = _finished_run(tmp_path / "good", config, TrainConfig.steps)
+    assert arms.check_trained(good, flags, nproc=2) == [{"step": TrainConfig.steps, "step_s": 3.0}]
+    with pytest.raises(SystemExit, match="seed"):  # another seed's run
+        arms.check_trained(_finished_run(tmp_path / "s0", config | {"seed": 0}, TrainConfig.steps), flags, nproc=2)
+    with pytest.raises(SystemExit, match="world_size"):  # trained at another world size
+        arms.check_trained(good, flags, nproc=1)
+    with pytest.raises(SystemExit, match="step_000010"):  # stopped before the last step
+        arms.check_trained(_finished_run(tmp_path / "short", config, 10), flags, nproc=2)
 
 
 def test_report_counts_right_answers_per_kind_of_problem_as_the_task_says(tmp_path, monkeypatch, capsys):
@@ -75,13 +121,12 @@ def test_report_counts_right_answers_per_kind_of_problem_as_the_task_says(tmp_pa
     examples = get_task("countdown2").examples("test")
     is_sum = ["+" in e["solution"] for e in examples]
     n_sum = sum(is_sum)  # counted here from the examples, independently of the report
-    monkeypatch.setattr(arms, "OUT", tmp_path)
     # a model that always answers the sum: right on every sum problem, never on a difference one
     _run(tmp_path, "untrained", is_sum, is_sum)
     _run(tmp_path, "r3-s0", is_sum, [True] * len(examples))  # and its second try fixes everything
     for name in ("untrained", "r3-s0"):
         (tmp_path / name / "run.json").write_text(json.dumps({"sampled_tokens": 0, "wall_s": 1.0, "task": "countdown2"}))
-    arms.report(None)
+    arms.report(tmp_path)
     out = capsys.readouterr().out
     assert f"| run | `+` ({n_sum}) | `-` ({len(examples) - n_sum}) |" in out
     assert f"| untrained | {n_sum} / {n_sum} | 0 / 0 |" in out

@@ -109,6 +109,11 @@ def test_eval_end_to_end(tiny_dir, toy, tmp_path):
 def test_wilson_interval_matches_known_values():
     lo, hi = sample.wilson(10, 100)
     assert abs(lo - 0.0552) < 1e-3 and abs(hi - 0.1744) < 1e-3
+    # the closed forms at the ends (z^2 / (n + z^2) from 0 or 1), inside [0, 1] so never printed as "-0.0"
+    z2 = 1.96 ** 2
+    for n in (5, 10, 64, 128, 506):
+        assert sample.wilson(0, n)[0] == 0.0 and abs(sample.wilson(0, n)[1] - z2 / (n + z2)) < 1e-12
+        assert sample.wilson(n, n)[1] == 1.0 and abs(sample.wilson(n, n)[0] - n / (n + z2)) < 1e-12
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
