@@ -46,6 +46,7 @@ from r3.evaluate import wilson  # noqa: E402
 
 ARMS = ROOT / "bench" / "arms"  # one folder per task: bench/arms/<task>/<run>/
 SEEDS = {"r3": [0, 1, 2], "grpo": [0, 1, 2], "r3_retry": [0, 1]}
+GOAL_POINTS, GOAL_P = 15, 0.01  # what R3 should show over the untrained model on a task it can learn
 
 
 def runs() -> list[tuple[str, str, int | None]]:
@@ -285,6 +286,12 @@ def claims(by_arm: dict) -> list[str]:
                    else "higher in every seed, but not significant (paired p >= 0.05)")
         out.append(f"- {what}: {verdict} (untrained {b:.1f}%, r3 seeds "
                    + ", ".join(f"{x:.1f}% (p={q:.2g})" for x, q in zip(t, p)) + ")")
+    b2, t2 = acc(base[0], "second"), [acc(r, "second") for r in r3]
+    p2 = [mcnemar([x["second"] for x in r["rows"]], [x["second"] for x in base[0]["rows"]])[2] for r in r3]
+    met = all(x >= b2 + GOAL_POINTS and q < GOAL_P for x, q in zip(t2, p2))
+    out.append(f"- goal, R3's second try >= untrained + {GOAL_POINTS} points at paired p < {GOAL_P} in every seed: "
+               f"{'met' if met else 'NOT met'} (" + ", ".join(f"{x - b2:+.1f} points, p={q:.2g}" for x, q in zip(t2, p2))
+               + f"; {len(r3)} of {len(SEEDS['r3'])} seeds in)")
     lens = []
     for r in r3:
         rows = [m for m in r["metrics"] if "reflection_len" in m]

@@ -57,6 +57,9 @@ def test_report_rebuilds_table_claims_and_plot_from_the_run_files(tmp_path, monk
     assert "r3-s1 vs grpo" not in out  # no grpo-s1 yet: no pairing across seeds
     assert "the first try improves although only reflections are rewarded: seen" in out
     assert "reflections get shorter: seen" in out
+    # 7 of 7 discordant pairs one way: p = 2 / 2**7 = 0.016, above the goal's 0.01 although 35 points higher
+    assert ("goal, R3's second try >= untrained + 15 points at paired p < 0.01 in every seed: NOT met "
+            "(+35.0 points, p=0.016, +35.0 points, p=0.016; 2 of 3 seeds in)") in out
     assert (tmp_path / "table.md").read_text().startswith("| run |")
     # three more right answers out of 20 is higher, but a paired test cannot tell it from chance
     for seed in (0, 1):
