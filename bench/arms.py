@@ -241,28 +241,34 @@ def transfer_table(done: dict) -> list[str]:
             cell = f"{n10} / {n01}, p={p:.3g}"
         lines.append(f"| {name} | {n} | {pct(sum(x['first'] for x in t), n)} | {pct(sum(x['second'] for x in t), n)} "
                      f"| {cell} |")
-    return lines
+    return lines + by_solution_ops(done, "transfer", task)
 
 
-def by_solution_ops(done: dict) -> list[str]:
+def by_solution_ops(done: dict, rows: str = "rows", task: str | None = None) -> list[str]:
     """Right answers per kind of held-out problem, the kind being the operators of its reference solution
-    (countdown2: sums and differences): what a run learned, beyond how much. Empty where the runs do not
-    name one task whose held-out examples carry a `solution`, in eval order (row i = example i)."""
-    tasks = {r["run"].get("task") for r in done.values()}
-    if len(tasks) != 1 or None in tasks:
-        return []
+    (countdown2: sums and differences): what a run learned, beyond how much. `rows`: "rows" (the runs' own
+    task, which they must all name) or "transfer" (`task`'s first problems). Empty where the task's held-out
+    examples carry no `solution`, or a run's rows do not match them in number (row i = example i)."""
+    if task is None:
+        tasks = {r["run"].get("task") for r in done.values()}
+        if len(tasks) != 1 or None in tasks:
+            return []
+        task = tasks.pop()
     from r3.tasks import get_task
 
-    examples = get_task(tasks.pop()).examples("test")
-    if not all("solution" in e for e in examples) or any(len(r["rows"]) != len(examples) for r in done.values()):
+    have = {name: r[rows] for name, r in done.items() if r[rows]}
+    n = {len(x) for x in have.values()}
+    examples = get_task(task).examples("test")[: max(n, default=0)]
+    if len(n) != 1 or not all("solution" in e for e in examples) or len(examples) != n.pop():
         return []
     kind = [" ".join(sorted({c for c in e["solution"] if c in "+-*/"})) for e in examples]
     kinds = sorted(set(kind))
-    lines = ["", "Right answers by the operators of the reference solution (first try / second try, of the problems of that kind):",
+    lines = ["", f"Right answers on `{task}` by the operators of the reference solution (first try / second try, "
+             "of the problems of that kind):",
              "", "| run | " + " | ".join(f"`{k}` ({kind.count(k)})" for k in kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
-    for name, r in done.items():
-        cells = [f"{sum(x['first'] for x, c in zip(r['rows'], kind) if c == k)} / "
-                 f"{sum(x['second'] for x, c in zip(r['rows'], kind) if c == k)}" for k in kinds]
+    for name, r in have.items():
+        cells = [f"{sum(x['first'] for x, c in zip(r, kind) if c == k)} / "
+                 f"{sum(x['second'] for x, c in zip(r, kind) if c == k)}" for k in kinds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
