@@ -3,7 +3,8 @@
     python bench/arms.py run                       # every missing run of the grid, one after another (hours on a CPU)
     python bench/arms.py run --only r3-s0          # one run
     python bench/arms.py report                    # the table (markdown) and the plot, from the committed files alone
-    python bench/arms.py run --task=countdown2 -- --lr=1e-5   # the committed countdown2 grid (bench/arms/countdown2/)
+    python bench/arms.py run --task=countdown2 --nproc=1 -- --lr=1e-5 --eval_every=7 --eval_examples=128
+                                                   # the countdown2 grid's flags (each run.json holds its commands)
 
 Every trained arm is train.py at the same budget: the same steps, G, learning rate and groups per step
 (train.py's defaults, plus any flags given after `--`), on --task (train.py's default task unless given);
