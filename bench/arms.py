@@ -334,7 +334,9 @@ def plot(by_arm: dict, png: Path) -> None:
                 rows = base["rows"][:n_periodic]
                 steps, per_step = [0] + steps, [[sum(x[key[5:]] for x in rows) / len(rows)]] + per_step
             mean = [100 * sum(v) / len(v) for v in per_step]
-            ax.plot(steps, mean, marker=".", label=f"{arm} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
+            style = ("-", "--", ":")[len(ax.lines) % 3]  # arms that reach the same points stay visible
+            ax.plot(steps, mean, marker=".", linestyle=style, linewidth=2.5 - 0.5 * (len(ax.lines) % 3),
+                    label=f"{arm} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
             ax.fill_between(steps, [100 * min(v) for v in per_step], [100 * max(v) for v in per_step], alpha=0.2)
         ax.set_title(f"held-out {title} (first {n_periodic} problems)")
         ax.set_xlabel("training step")
