@@ -32,13 +32,13 @@ from r3.errors import UserError
 from r3.evaluate import two_try_eval, wilson
 from r3.jsonl import can_write, read_jsonl, write_jsonl_atomic
 from r3.seeds import derive_seed
-from r3.tasks import task_from_flags
+from r3.tasks import DEFAULT_TASK, task_from_flags
 
 
 @dataclass
 class SampleConfig:
     model: str = "default"  # "default" (SmolLM2-135M-Instruct from PyPI) or an HF model directory
-    task: str = "countdown_easy_sum3shot"  # task name (r3/tasks; the main job's by default) or module:Class
+    task: str = DEFAULT_TASK  # countdown_easy_sum3shot (the main job's); a preset (r3/tasks) or module:Class
     task_data: str = ""  # data file for tasks that read one (xlam, countdown from a file)
     task_options: str = ""  # task options overriding its preset, e.g. "n_numbers=2,max_number=10"
     split: str = ""  # split to sample ("" : train for failures, test otherwise; BFCL also takes a category name)

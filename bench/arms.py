@@ -7,7 +7,7 @@
                                                    # the countdown2 grid's flags (each run.json holds its commands)
 
 Every trained arm is train.py at the same budget: the same steps, G, learning rate and groups per step
-(train.py's defaults, plus any flags given after `--`), on --task (train.py's default task unless given);
+(train.py's defaults, plus any flags given after `--`), on --task (the main job's unless given);
 only `--method` and `--seed` differ, so the r3 arm at seed 0 is README's main job. Each trained model is then
 scored by `sample.py eval` on the whole held-out split (greedy: a first try, and on failure one reflection and
 one retry, docs/method.md section 7), and on the first --transfer_examples problems of --transfer's held-out
@@ -21,9 +21,10 @@ What each run leaves under bench/arms/<task>/<arm>-s<seed>/ (small, committed): 
 held-out problem: index, first, second, reflection length), transfer.jsonl (the same rows on --transfer),
 metrics.jsonl (train.py's rows: per-step statistics and the periodic held-out evaluations that the plot
 draws), run.json (commands, wall time, sampled tokens, machine). A run whose eval.jsonl exists is done and is
-skipped; models and checkpoints stay under runs/arms/<task>/ (not committed). `--trained=DIR` scores a run
-that train.py already made in DIR (e.g. README's main job) instead of training it again, after checking
-that DIR's saved config is the one this run would use.
+skipped; models and checkpoints stay under runs/arms/<task>/ (not committed). `--trained=DIR` takes a run
+that train.py already made in DIR (e.g. README's main job) instead of training one anew: the run's train.py
+command is given --out_dir=DIR, so train.py resumes there: it refuses a run made with other settings (its
+own resume check, exit 2), finishes one that stopped early, and of a finished one only exports final/ again.
 
 It does not: run arms in parallel (two CPU jobs on two cores distort both), or tune anything per arm.
 """
@@ -42,8 +43,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from r3.jsonl import read_jsonl, write_jsonl_atomic  # noqa: E402
+from r3.checkpoint import latest_checkpoint  # noqa: E402
 from r3.evaluate import wilson  # noqa: E402
+from r3.jsonl import read_jsonl, write_jsonl_atomic  # noqa: E402
+from r3.tasks import DEFAULT_TASK  # noqa: E402
 
 ARMS = ROOT / "bench" / "arms"  # one folder per task: bench/arms/<task>/<run>/
 SEEDS = {"r3": [0, 1, 2], "grpo": [0, 1, 2], "r3_retry": [0, 1]}
@@ -67,30 +70,24 @@ def sh(cmd: list[str], log: Path) -> None:
     with open(log, "a") as f:
         r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode:
-        sys.exit(f"error: {' '.join(cmd[:4])} ... exited {r.returncode}; see {log}")
+        last = log.read_text(errors="replace").strip().splitlines()[-1:]  # e.g. train.py's one-line error
+        sys.exit(f"error: {' '.join(cmd[:4])} ... exited {r.returncode}: {''.join(last)} (see {log})")
 
 
 def train_flags(arm: str, seed: int, work: Path, args) -> list[str]:
     return [f"--method={arm}", f"--seed={seed}", f"--out_dir={work}", f"--task={args.task}"] + args.extra
 
 
-def check_trained(trained: Path, flags: list[str], nproc: int) -> list[dict]:
-    """DIR of a finished train.py run -> its metrics rows, after checking that its saved config is the one
-    `flags` give at `nproc` ranks (the output folder and the fields a resume may change aside)."""
-    from r3.cli import parse_flags
-    from r3.checkpoint import latest_checkpoint
-    from train import RESUMABLE_CHANGES, TrainConfig
-
-    ckpt = latest_checkpoint(trained)
-    if ckpt is None or not (trained / "final" / "config.json").exists():
-        sys.exit(f"error: --trained={trained}: no checkpoint or no final/ model there")
-    saved = json.loads((ckpt / "config.json").read_text())
-    want = vars(parse_flags(TrainConfig, flags)) | {"world_size": nproc}
-    differ = [k for k in want if k not in RESUMABLE_CHANGES | {"out_dir"} and saved.get(k) != want[k]]
-    if differ or saved.get("steps") != want["steps"] or f"step_{want['steps']:06d}" != ckpt.name:
-        sys.exit(f"error: --trained={trained} is not this run: {[(k, saved.get(k), want[k]) for k in differ]}, "
-                 f"last checkpoint {ckpt.name}")
-    return read_jsonl(trained / "metrics.jsonl")
+def train_command(arm: str, seed: int, work: Path, args) -> tuple[list[str], Path]:
+    """The arm's train.py command and its output folder: `work`, or with --trained that run's folder (resumed in
+    place: the module docstring)."""
+    out = work
+    if args.trained:
+        out = Path(args.trained).resolve()
+        if latest_checkpoint(out) is None:  # train.py would start a new run there
+            sys.exit(f"error: --trained={out}: no train.py checkpoint there")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+            "train.py"] + train_flags(arm, seed, out, args), out
 
 
 def scored(model: str, task: str, n: int, work: Path, name: str, args, commands: list) -> list[dict]:
@@ -112,17 +109,11 @@ def run_one(name: str, arm: str, seed: int | None, args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0, commands, metrics, model, trained_in = time.time(), [], [], "default", None
     if arm != "untrained":
-        flags = train_flags(arm, seed, work, args)
-        if args.trained:  # made by an earlier train.py run with the same config: scored, not trained again
-            trained_in = Path(args.trained).resolve()
-            metrics = check_trained(trained_in, flags, args.nproc)
-            model = str(trained_in / "final")
-        else:
-            train = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                     "train.py"] + flags
-            sh(train, work / "log.txt")  # resumes by itself when a checkpoint is there
-            commands.append(train)
-            metrics, model = read_jsonl(work / "metrics.jsonl"), str(work / "final")
+        train, out = train_command(arm, seed, work, args)
+        sh(train, work / "log.txt")  # resumes by itself when a checkpoint is there
+        commands.append(train)
+        metrics, model = read_jsonl(out / "metrics.jsonl"), str(out / "final")
+        trained_in = out if args.trained else None
     # the training's wall time; of a --trained run, train.py's own step and evaluation seconds (a lower bound)
     t_train = sum(m.get("step_s", 0) + m.get("eval_s", 0) for m in metrics) if trained_in else time.time() - t0
     t0 = time.time()
@@ -354,21 +345,19 @@ def plot(by_arm: dict, png: Path) -> None:
 
 
 def main() -> None:
-    from train import TrainConfig
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("job", choices=["run", "report"])
     ap.add_argument("--only", default="", help="comma-separated run names (e.g. r3-s0,grpo-s0); default: all missing")
-    ap.add_argument("--task", default=TrainConfig.task, help="the task every arm trains and is scored on "
-                    "(train.py's default: README's main job)")
+    ap.add_argument("--task", default=DEFAULT_TASK, help="the task every arm trains and is scored on "
+                    "(default: README's main job's)")
     ap.add_argument("--transfer", default="countdown2", help="a second task every model is scored on, untrained "
                     "(\"\": none; skipped when it is --task)")
     ap.add_argument("--transfer_examples", type=int, default=128, help="problems of --transfer's held-out split")
     ap.add_argument("--nproc", type=int, default=2, help="torchrun ranks per training run (2: README's main job; "
                     "the countdown2 grid ran with 1, one rank of 2 threads: 40.8 vs 61.0 s per step there)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the final evaluation")
-    ap.add_argument("--trained", default="", help="with --only=ONE_RUN: score the finished train.py run in this "
-                    "folder instead of training it (its saved config must be this run's)")
+    ap.add_argument("--trained", default="", help="with --only=ONE_RUN: the train.py run in this folder is this "
+                    "run (train.py resumes it: its settings must be this run's)")
     ap.add_argument("extra", nargs="*", help="more train.py flags, the same for every arm (after --)")
     args = ap.parse_args()
     out = ARMS / args.task

@@ -38,10 +38,10 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from r3.timing import timed  # noqa: E402
-from r3.chat import render_prompt  # noqa: E402
 from r3.checkpoint import load_hf, resolve_model  # noqa: E402
+from r3.rollout import render_prompt  # noqa: E402
 from r3.sampler import generate  # noqa: E402
+from r3.timing import timed  # noqa: E402
 
 TOPICS = ["the water cycle", "binary search", "the French revolution", "photosynthesis", "TCP handshakes",
           "compound interest", "volcanoes", "the Pythagorean theorem"]

@@ -273,8 +273,7 @@ def run_trl(spec: dict) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
-    from r3.chat import render_prompt
-    from r3.rollout import reflection_context
+    from r3.rollout import reflection_context, render_prompt
 
     model_dir, tok, task, failures = load_side(spec)
     rows = [{"prompt": reflection_context(task, f["example"], f["attempt"]), "example": json.dumps(f["example"])}

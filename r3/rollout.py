@@ -1,4 +1,4 @@
-"""Rollouts: sampled token ids -> training rows (ids, pos, mask, context lengths), binary rewards, groups.
+"""Rollouts: chat turns rendered with their token spans; reflect -> retry -> binary reward; training rows.
 
 `rollout(..., method="r3")`, the paper (docs/method.md section 3); for each failure (example x, failed attempt y1):
     1. context   user(x) / assistant(y1) / user(reflection prompt), the task's one-shot pair first if it has one
@@ -18,7 +18,7 @@ the shared-prefix update (r3/grpo.py) encodes once per group.
 
 Exact tokens: what is trained is the ids the sampler returned, never a re-tokenisation of their decoded
 text (BPE has several spellings of many strings, so the two can differ); TRL trains on the sampled ids
-too. Only the prompt parts are rendered by the chat template (r3/chat.py). The retry is sampled after
+too. Only the prompt parts are rendered by the chat template (`render_chat`, below). The retry is sampled after
 context ids + s_i's ids + end-of-turn + the rendered re-asked turn (`Retry.reask`), the very ids
 "r3_retry" trains on; it continues the reflection call's KV cache (r3/sampler.py, keep= / resume=), so
 only the end-of-turn and the re-asked turn are prefilled for it.
@@ -33,6 +33,15 @@ a slice, sample what one process does with the whole batch.
 `two_tries` (the paper's evaluation) and `retry_after` work on text: the retry prompt is rendered from
 the decoded reflection, so the evaluation's numbers stay comparable with any tool that works on text.
 
+Chat rendering: `render_chat(tok, messages)` returns the ids `tok.apply_chat_template(messages)` gives, token
+for token, and each message's token span [start, end): its content and the end-of-turn special token that
+closes it (e.g. `<|im_end|>`), none of the template around it. The template is rendered to text once; each
+message's content is found in it left to right (as given, or stripped when the template trims it); the text
+is tokenized with character offsets and the content's characters map to the tokens that overlap them. The
+token right after the content must be a special token (the end-of-turn); it closes the span. So the mask
+comes from the rendered turns, never from searching token ids. Templates that rewrite content beyond
+trimming are refused (a clear error names the turn); tool-call and multimodal message formats are not handled.
+
 It does not: compute log-probs or losses (grpo.py), or pick which failures or queries to use (train.py).
 """
 from __future__ import annotations
@@ -42,7 +51,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r3.chat import end_of_turn_id, render_chat, render_prompt
 from r3.sampler import KeptCache, Sample, generate
 from r3.seeds import derive_seed, item_seeds
 
@@ -82,6 +90,62 @@ class Retry:
     reflection_text: str
     retry_text: str
     reward: float
+
+
+@dataclass
+class Rendered:
+    ids: list[int]  # the conversation's token ids, equal to apply_chat_template's
+    spans: list[tuple[int, int]]  # per message: [start, end) of its content + end-of-turn token
+    text: str  # the rendered template text
+
+
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> Rendered:
+    """Token ids of the rendered conversation and the token span of every message (module docstring)."""
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        content = m["content"]
+        a = text.find(content, cursor) if content else -1
+        if a < 0 and content.strip():
+            content = content.strip()
+            a = text.find(content, cursor)
+        if a < 0:
+            if content.strip():
+                raise ValueError(f"message {i} ({m['role']}): its content does not appear in the rendered template")
+            a = _header_end(text, cursor, tok)  # empty content: the span is only the end-of-turn token
+        b = a + len(content)
+        start = next(t for t, (s, e) in enumerate(offsets) if e > a or (a == b and s >= a))
+        end = next((t for t in range(start, len(ids)) if offsets[t][0] >= b), len(ids))
+        if end >= len(ids) or ids[end] not in special:
+            raise ValueError(f"message {i} ({m['role']}): no end-of-turn special token right after its content")
+        spans.append((start, end + 1))
+        cursor = offsets[end][1]
+    return Rendered(ids=list(ids), spans=spans, text=text)
+
+
+def _header_end(text: str, cursor: int, tok) -> int:
+    """For an empty message: the character where its content would start, i.e. just before the next
+    end-of-turn marker after `cursor`."""
+    eot = tok.convert_ids_to_tokens(end_of_turn_id(tok))
+    return text.find(eot, cursor)
+
+
+def render_prompt(tok, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation followed by the assistant header, ready for sampling."""
+    return render_chat(tok, messages, add_generation_prompt=True).ids
+
+
+def end_of_turn_id(tok) -> int:
+    """The token that ends an assistant turn (the sampler's stop token): `<|im_end|>` for SmolLM2 and
+    Qwen, `<|eot_id|>` for Llama 3; falls back to eos."""
+    for name in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tok.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid != tok.unk_token_id and tid is not None:
+            return tid
+    return tok.eos_token_id
 
 
 def reflection_context(task, example: dict, attempt: str) -> list[dict]:

@@ -87,35 +87,33 @@ def test_report_pairs_each_runs_transfer_rows_with_the_untrained_models(tmp_path
     assert f"| r3-s0 | 10 | 0.0 [0.0, 27.8] | 70.0 [39.7, 89.2] | 5 / 0, p={p:.3g} |" in out
 
 
-def _finished_run(root: Path, config: dict, step: int) -> Path:
-    ckpt = root / "checkpoints" / f"step_{step:06d}"
-    ckpt.mkdir(parents=True)
-    (ckpt / "config.json").write_text(json.dumps(config))
-    (ckpt / "done").write_text("")
-    (root / "final").mkdir()
-    (root / "final" / "config.json").write_text("{}")
-    (root / "metrics.jsonl").write_text(json.dumps({"step": step, "step_s": 3.0}) + "\n")
-    return root
-
-
-def test_trained_run_is_accepted_only_with_the_runs_own_config(tmp_path):
-    import dataclasses
-
-    from train import TrainConfig
-
+def test_trained_run_is_resumed_in_place_by_train_py_with_the_arms_own_flags(tmp_path):
+    """--trained=DIR runs the arm's own train.py command with --out_dir=DIR (train.py's resume check then refuses
+    other settings: tests/test_train.py); a DIR without a checkpoint is refused before anything runs."""
     class Args:
-        task, extra = "countdown_easy_sum3shot", []
+        task, extra, nproc, trained = "countdown_easy_sum3shot", ["--lr=1e-5"], 2, ""
 
-    flags = arms.train_flags("r3", 1, tmp_path / "elsewhere", Args)
-    config = dataclasses.asdict(TrainConfig(method="r3", seed=1, task=Args.task, out_dir="runs/r3")) | {"world_size": 2}
-    good = _finished_run(tmp_path / "good", config, TrainConfig.steps)
-    assert arms.check_trained(good, flags, nproc=2) == [{"step": TrainConfig.steps, "step_s": 3.0}]
-    with pytest.raises(SystemExit, match="seed"):  # another seed's run
-        arms.check_trained(_finished_run(tmp_path / "s0", config | {"seed": 0}, TrainConfig.steps), flags, nproc=2)
-    with pytest.raises(SystemExit, match="world_size"):  # trained at another world size
-        arms.check_trained(good, flags, nproc=1)
-    with pytest.raises(SystemExit, match="step_000010"):  # stopped before the last step
-        arms.check_trained(_finished_run(tmp_path / "short", config, 10), flags, nproc=2)
+    cmd, out = arms.train_command("r3", 1, tmp_path / "work", Args)
+    assert out == tmp_path / "work" and cmd[-6:] == ["train.py", "--method=r3", "--seed=1", f"--out_dir={out}",
+                                                     "--task=countdown_easy_sum3shot", "--lr=1e-5"]
+    assert "--nproc_per_node=2" in cmd
+    run = tmp_path / "main_job"
+    Args.trained = str(run)
+    with pytest.raises(SystemExit, match="no train.py checkpoint"):
+        arms.train_command("r3", 1, tmp_path / "work", Args)
+    ckpt = run / "checkpoints" / "step_000028"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "done").write_text("")
+    cmd, out = arms.train_command("r3", 1, tmp_path / "work", Args)
+    assert out == run.resolve() and f"--out_dir={run.resolve()}" in cmd and "--seed=1" in cmd
+
+
+def test_a_failed_command_ends_with_its_last_line(tmp_path):
+    """What train.py prints when it refuses (one `error:` line) reaches the user, not only the log."""
+    with pytest.raises(SystemExit, match="exited 2: error: cannot resume from the checkpoint"):
+        arms.sh([sys.executable, "-c", "print('error: cannot resume from the checkpoint'); raise SystemExit(2)"],
+                tmp_path / "log.txt")
 
 
 def test_report_counts_right_answers_per_kind_of_problem_as_the_task_says(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""r3.chat renders conversations exactly as the tokenizer's chat template does and finds each turn's span.
+"""r3.rollout.render_chat renders conversations exactly as the chat template does and finds each turn's span.
 
 Proves, on the real default model's template (SmolLM2, which also inserts a default system prompt):
 the ids equal `apply_chat_template` token for token, and the tokens of every message's span decode to
@@ -7,7 +7,7 @@ awkward content (leading newlines, trailing spaces, markup, unicode, an empty tu
 """
 import pytest
 
-from r3.chat import end_of_turn_id, render_chat, render_prompt
+from r3.rollout import end_of_turn_id, render_chat, render_prompt
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Using the numbers [3, 5, 7], create an equation that equals 22."},

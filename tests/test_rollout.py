@@ -20,8 +20,8 @@ import torch
 from conftest import ours_from_hf, tiny_hf_model
 
 import r3.rollout
-from r3.chat import end_of_turn_id
 from r3.grpo import sequence_logprobs
+from r3.rollout import end_of_turn_id
 from r3.sampler import Sample
 from r3.tasks import question_turns
 

@@ -289,7 +289,7 @@ def test_compiled_decode_is_token_exact_with_eager_in_greedy():
 def test_greedy_matches_transformers_generate_on_default_model(default_dir, default_tok):
     from transformers import AutoModelForCausalLM
 
-    from r3.chat import end_of_turn_id, render_prompt
+    from r3.rollout import end_of_turn_id, render_prompt
     from r3.checkpoint import load_hf
 
     questions = ["What is the capital of France?", "Write a haiku about the sea.",

@@ -9,7 +9,8 @@ field is checked, and each bad value (and each bad failure row) ends with one `e
 before any model loads; an interrupt ends with one line naming the step and the newest checkpoint
 (exit 130) and the same command resumes; a resume cuts samples.jsonl back to the checkpoint like
 metrics.jsonl, and a run without a checkpoint starts every output anew; the end-of-run evaluation gives
-the numbers `sample.py eval` gives on the exported model. A toy task (reward = the retry's length is
+the numbers `sample.py eval` gives on the exported model; the code one training step runs lives in at most 7
+files (model and task aside), none calling back into its caller's file. A toy task (reward = the retry's length is
 even) gives a tiny random model reward variance to learn from.
 """
 import json
@@ -320,3 +321,51 @@ def test_each_method_trains_and_reports_its_sampled_tokens(tiny_dir, toy, tmp_pa
 def test_grpo_method_refuses_a_failures_file(tiny_dir, toy, tmp_path):
     with pytest.raises(train.UserError, match="--failures=.*grpo trains on the queries"):
         train.main(_cfg(tiny_dir, toy, tmp_path / "run", method="grpo"))
+
+
+def test_one_training_step_reads_in_seven_files_none_calling_back(tiny_dir, toy, tmp_path):
+    """Every function of the repository that the loop body of train.main reaches in one R3 step, recorded by a
+    profile hook (the model's forward and the task's methods are the interfaces a reader takes as given: not
+    counted): they live in train.py and at most 6 library files, and no file calls back into a file that calls it."""
+    src = Path(train.__file__).read_text().splitlines()
+    lo = next(i for i, s in enumerate(src) if "while step < cfg.steps:" in s) + 1
+    hi = next(i for i, s in enumerate(src) if "step += 1" in s) + 1
+    edges, roots = {}, set()
+
+    def where(code):  # (file, function) of ours; None for comprehensions, lambdas, dependencies, model, tasks
+        path = Path(code.co_filename)
+        if "<" in code.co_name or not path.is_absolute() or not path.resolve().is_relative_to(ROOT):
+            return None
+        rel = path.resolve().relative_to(ROOT).as_posix()
+        return None if rel.startswith(("tests/", ".venv/", "r3/model.py", "r3/tasks/")) else (rel, code.co_qualname)
+
+    def hook(frame, event, arg):
+        callee = where(frame.f_code) if event == "call" else None
+        caller = frame.f_back
+        while callee is not None and caller is not None and where(caller.f_code) is None:
+            caller = caller.f_back
+        if callee is None or caller is None:
+            return
+        if where(caller.f_code) == ("train.py", "main"):
+            if lo <= caller.f_lineno <= hi:
+                roots.add(callee)
+        else:
+            edges.setdefault(where(caller.f_code), set()).add(callee)
+
+    sys.setprofile(hook)
+    try:
+        train.main(_cfg(tiny_dir, toy, tmp_path / "run", steps=1, save_every=0, eval_examples=0))
+    finally:
+        sys.setprofile(None)
+    reached, todo = set(), list(roots)
+    while todo:
+        f = todo.pop()
+        if f not in reached:
+            reached.add(f)
+            todo += edges.get(f, ())
+    files = {f for f, _ in reached} | {"train.py"}
+    calls = {(a[0], b[0]) for a in reached for b in edges.get(a, ()) if a[0] != b[0]}
+    print(f"{len(reached)} functions over {len(files)} files: {sorted(files)}")
+    assert {"r3/rollout.py", "r3/sampler.py", "r3/grpo.py"} <= files  # the hook saw the step
+    assert len(files) <= 7, sorted(files)
+    assert not [(a, b) for a, b in calls if (b, a) in calls], sorted(calls)

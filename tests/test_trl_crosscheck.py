@@ -31,10 +31,9 @@ import torch
 trl = pytest.importorskip("trl", reason="trl is not installed: pip install trl==1.16.0 (see bench/setup_trl.sh)")
 
 from conftest import ParityTask, ours_from_hf  # noqa: E402
-from r3.chat import end_of_turn_id  # noqa: E402
 from r3.checkpoint import load_hf  # noqa: E402
 from r3.grpo import group_advantages, grpo_loss, sequence_logprobs  # noqa: E402
-from r3.rollout import build_batch, reflection_context  # noqa: E402
+from r3.rollout import build_batch, end_of_turn_id, reflection_context  # noqa: E402
 
 G = 4  # reflections per failure
 MICRO = 4  # sequences per micro-batch: two micro-batches of gradient accumulation, as TRL splits them

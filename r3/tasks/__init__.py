@@ -18,7 +18,7 @@ Optional, for the learnability check (bench/step0_signal.py), which writes refle
 `get_task(name, **options)` builds one: a registered name, or `module:Class` for a task of one's own
 (the module is imported from sys.path, e.g. a my_task.py next to train.py; `Class(**options)`).
 Tasks load their data lazily, on the first `examples()` call.
-This module does not render chat templates (r3/chat.py) and does not sample (sample.py).
+This module does not render chat templates (r3/rollout.py) and does not sample (sample.py).
 
 Errors a user can cause (unknown task, option or split; missing file, malformed line, empty split) raise
 `TaskDataError`, an r3.errors.UserError (and a ValueError) whose message names the thing (file and
@@ -80,6 +80,7 @@ REGISTRY = {
     "xlam": ("function_calling", "XLAM", {}),
     "bfcl": ("bfcl", "BFCL", {}),
 }
+DEFAULT_TASK = "countdown_easy_sum3shot"  # the main job's: train.py's, sample.py's and bench/arms.py's default
 
 
 def get_task(name: str, **options) -> Task:
