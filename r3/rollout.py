@@ -18,8 +18,8 @@ the shared-prefix update (r3/grpo.py) encodes once per group.
 
 Exact tokens: what is trained is the ids the sampler returned, never a re-tokenisation of their decoded
 text (BPE has several spellings of many strings, so the two can differ); TRL trains on the sampled ids
-too. Only the prompt parts are rendered by the chat template (`render_chat`, below). The retry is sampled after
-context ids + s_i's ids + end-of-turn + the rendered re-asked turn (`Retry.reask`), the very ids
+too. Only the prompt parts are rendered by the chat template (`render_chat`, below). The retry is sampled
+after context ids + s_i's ids + end-of-turn + the rendered re-asked turn (`Retry.reask`), the very ids
 "r3_retry" trains on; it continues the reflection call's KV cache (r3/sampler.py, keep= / resume=), so
 only the end-of-turn and the re-asked turn are prefilled for it.
 A sample's stop token is dropped and one end-of-turn id appended: for a sample that stopped that is the
@@ -38,8 +38,9 @@ for token, and each message's token span [start, end): its content and the end-o
 closes it (e.g. `<|im_end|>`), none of the template around it. The template is rendered to text once; each
 message's content is found in it left to right (as given, or stripped when the template trims it); the text
 is tokenized with character offsets and the content's characters map to the tokens that overlap them. The
-token right after the content must be a special token (the end-of-turn); it closes the span. So the mask
-comes from the rendered turns, never from searching token ids. Templates that rewrite content beyond
+token right after the content must be a special token (the end-of-turn); it closes the span. The spans cut
+the re-asked turn out of a rendering (`_reask_ids`); a row is packed from segments known by construction
+(`pack_rows`), so no mask ever comes from searching token ids. Templates that rewrite content beyond
 trimming are refused (a clear error names the turn); tool-call and multimodal message formats are not handled.
 
 It does not: compute log-probs or losses (grpo.py), or pick which failures or queries to use (train.py).
