@@ -74,10 +74,6 @@ def sh(cmd: list[str], log: Path) -> None:
         sys.exit(f"error: {' '.join(cmd[:4])} ... exited {r.returncode}: {''.join(last)} (see {log})")
 
 
-def train_flags(arm: str, seed: int, work: Path, args) -> list[str]:
-    return [f"--method={arm}", f"--seed={seed}", f"--out_dir={work}", f"--task={args.task}"] + args.extra
-
-
 def train_command(arm: str, seed: int, work: Path, args) -> tuple[list[str], Path]:
     """The arm's train.py command and its output folder: `work`, or with --trained that run's folder (resumed in
     place: the module docstring)."""
@@ -86,8 +82,9 @@ def train_command(arm: str, seed: int, work: Path, args) -> tuple[list[str], Pat
         out = Path(args.trained).resolve()
         if latest_checkpoint(out) is None:  # train.py would start a new run there
             sys.exit(f"error: --trained={out}: no train.py checkpoint there")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-            "train.py"] + train_flags(arm, seed, out, args), out
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "train.py",
+           f"--method={arm}", f"--seed={seed}", f"--out_dir={out}", f"--task={args.task}"] + args.extra
+    return cmd, out
 
 
 def scored(model: str, task: str, n: int, work: Path, name: str, args, commands: list) -> list[dict]:
@@ -274,18 +271,18 @@ def claims(by_arm: dict) -> list[str]:
     def acc(r, key):
         return 100 * sum(x[key] for x in r["rows"]) / len(r["rows"])
 
-    out = []
+    out, versus = [], {}  # key -> (untrained %, r3 seeds' %, their paired p-values against the untrained model)
     for key, what in (("first", "the first try improves although only reflections are rewarded"),
                       ("second", "the trained model's second try beats the untrained model's")):
         b, t = acc(base[0], key), [acc(r, key) for r in r3]
         p = [mcnemar([x[key] for x in r["rows"]], [x[key] for x in base[0]["rows"]])[2] for r in r3]
+        versus[key] = b, t, p
         # "seen": every seed higher, each by a paired test at p < 0.05; higher without that is said as such
         verdict = ("NOT seen" if not all(x > b for x in t) else "seen" if all(q < 0.05 for q in p)
                    else "higher in every seed, but not significant (paired p >= 0.05)")
         out.append(f"- {what}: {verdict} (untrained {b:.1f}%, r3 seeds "
                    + ", ".join(f"{x:.1f}% (p={q:.2g})" for x, q in zip(t, p)) + ")")
-    b2, t2 = acc(base[0], "second"), [acc(r, "second") for r in r3]
-    p2 = [mcnemar([x["second"] for x in r["rows"]], [x["second"] for x in base[0]["rows"]])[2] for r in r3]
+    b2, t2, p2 = versus["second"]
     met = all(x >= b2 + GOAL_POINTS and q < GOAL_P for x, q in zip(t2, p2))
     out.append(f"- goal, R3's second try >= untrained + {GOAL_POINTS} points at paired p < {GOAL_P} in every seed: "
                f"{'met' if met else 'NOT met'} (" + ", ".join(f"{x - b2:+.1f} points, p={q:.2g}" for x, q in zip(t2, p2))

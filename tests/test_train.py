@@ -13,6 +13,7 @@ the numbers `sample.py eval` gives on the exported model; the code one training 
 files (model and task aside), none calling back into its caller's file. A toy task (reward = the retry's length is
 even) gives a tiny random model reward variance to learn from.
 """
+import functools
 import json
 import os
 import re
@@ -332,6 +333,7 @@ def test_one_training_step_reads_in_seven_files_none_calling_back(tiny_dir, toy,
     hi = next(i for i, s in enumerate(src) if "step += 1" in s) + 1
     edges, roots = {}, set()
 
+    @functools.cache  # the hook runs on every Python call: resolve each code object's file once
     def where(code):  # (file, function) of ours; None for comprehensions, lambdas, dependencies, model, tasks
         path = Path(code.co_filename)
         if "<" in code.co_name or not path.is_absolute() or not path.resolve().is_relative_to(ROOT):
@@ -341,16 +343,16 @@ def test_one_training_step_reads_in_seven_files_none_calling_back(tiny_dir, toy,
 
     def hook(frame, event, arg):
         callee = where(frame.f_code) if event == "call" else None
-        caller = frame.f_back
-        while callee is not None and caller is not None and where(caller.f_code) is None:
+        caller, ours = frame.f_back, None
+        while callee is not None and caller is not None and (ours := where(caller.f_code)) is None:
             caller = caller.f_back
-        if callee is None or caller is None:
+        if ours is None:
             return
-        if where(caller.f_code) == ("train.py", "main"):
+        if ours == ("train.py", "main"):
             if lo <= caller.f_lineno <= hi:
                 roots.add(callee)
         else:
-            edges.setdefault(where(caller.f_code), set()).add(callee)
+            edges.setdefault(ours, set()).add(callee)
 
     sys.setprofile(hook)
     try:
